@@ -1,0 +1,331 @@
+"""Analysis: find the stem, the stages and the head of a backbone (no mutation).
+
+The rule, for any feed-forward graph (see the README's "Anatomy" section):
+1. Cut the main path into segments (single-entry single-exit blocks, see `main_path`).
+2. A segment *drops* resolution when its output has at most 1/1.5 of its input's spatial
+   positions (a strided conv, a pool, a patch merge; not a valid 3x3 conv's 149 -> 147).
+   A segment is *heavy* when it owns a parameter of two or more dimensions (a conv kernel,
+   a linear weight); norms, activations and pools are light.
+3. The head follows the last cut whose output still has spatial positions (it starts at
+   global pooling, flatten or token selection).
+4. The stem runs to the first drop, then on through modules holding only light segments
+   (ResNet's BN, ReLU and max-pool) until a module with a heavy segment starts.
+5. Stages are the runs of segments between drops after the stem. A level with no heavy
+   segment joins the next stage (or the head, at the end).
+6. Every boundary sits at a module edge: a cut inside a module other than a container
+   (Sequential, ModuleList) moves back to the module's start (the downsampling block opens
+   its stage), or, for the stem's end, forward to the module's end. A stage boundary also
+   moves back over light layers that open the module holding the drop (a norm before a
+   strided conv), so that a downsampling module is never split.
+
+Users may name stages instead, as module-path ranges ("blocks.0:blocks.5,blocks.6:blocks.11").
+The result is stored on `graph_module.meta["rmn_stages"]` (a list of `Stage`) and every
+node gets `meta["rmn_part"]`: "stem", "stage_<i>" or "head".
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from rmn_fx.errors import NoDownsamplingError, StageError
+from rmn_fx.layout import FeatureLayout
+
+from .infra import PassBase, PassResult
+from .main_path import main_path
+from .shape_prop import tensor_shape
+
+DROP_FACTOR = 1.5
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+ModuleRange = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: the nodes after `entry` up to and including `exit`."""
+
+    index: int
+    entry: str
+    exit: str
+    nodes: tuple[str, ...]
+    modules: tuple[str, ...]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_layout: FeatureLayout
+    out_layout: FeatureLayout
+    params: int
+
+    @property
+    def name(self) -> str:
+        return f"stage_{self.index}"
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_layout.channels(self.in_shape)
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_layout.channels(self.out_shape)
+
+
+def parse_stage_ranges(text: str | Sequence) -> list[ModuleRange]:
+    """'a:b,c:d' (or a list of 'a:b' strings or pairs) -> [(a, b), (c, d)]; 'a' means 'a:a'."""
+    items = [s for s in text.split(",") if s.strip()] if isinstance(text, str) else list(text)
+    ranges = []
+    for item in items:
+        if isinstance(item, str):
+            first, _, last = item.strip().partition(":")
+            item = (first.strip(), (last or first).strip())
+        if len(item) != 2 or not all(isinstance(p, str) and p for p in item):
+            raise StageError(f"cannot read stage range {item!r}; write FIRST_MODULE:LAST_MODULE, e.g. blocks.0:blocks.5")
+        ranges.append(tuple(item))
+    if not ranges:
+        raise StageError("no stage ranges given; write e.g. --stages blocks.0:blocks.5,blocks.6:blocks.11")
+    return ranges
+
+
+class _GraphFacts:
+    """What the stage rules need to know about a shape-annotated graph, indexed by position."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        self.gm = graph_module
+        self.nodes = list(graph_module.graph.nodes)
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.cuts = main_path(graph_module.graph)
+        self.spans, self.splittable = self._module_spans()
+
+    def _module_spans(self):
+        spans: dict[str, tuple[int, int]] = {}
+        splittable: set[str] = {""}
+        leaves = {n.target for n in self.nodes if n.op == "call_module"}
+        for i, node in enumerate(self.nodes):
+            for path, cls in node.meta.get("nn_module_stack", {}).values():
+                first, _ = spans.get(path, (i, i))
+                spans[path] = (first, i)
+                if path in leaves or (isinstance(cls, type) and issubclass(cls, CONTAINERS)):
+                    splittable.add(path)
+        return spans, splittable
+
+    def resolution(self, k: int) -> int | None:
+        return self.cuts[k].meta.get("rmn_resolution")
+
+    def segment(self, k: int) -> list[fx.Node]:
+        """Nodes after cut k-1 up to and including cut k."""
+        return self.nodes[self.pos[self.cuts[k - 1]] + 1 : self.pos[self.cuts[k]] + 1]
+
+    def drops(self, k: int) -> bool:
+        """Segment k lowers the resolution (compared with the last cut whose resolution is known)."""
+        after = self.resolution(k)
+        before = next((r for j in range(k - 1, -1, -1) if (r := self.resolution(j)) is not None), None)
+        return before is not None and after is not None and after * DROP_FACTOR <= before
+
+    def heavy(self, k: int) -> bool:
+        return any(_owns_weight_matrix(self.gm, n) for n in self.segment(k))
+
+    def covered_modules(self, lo: int, hi: int) -> tuple[str, ...]:
+        """Outermost modules whose nodes all lie at positions lo+1..hi."""
+        covered = [p for p, (first, last) in self.spans.items() if p and lo < first and last <= hi]
+        return tuple(p for p in covered if p.rpartition(".")[0] not in covered)
+
+    def cut_before(self, position: int) -> int:
+        return max(k for k, c in enumerate(self.cuts) if self.pos[c] < position)
+
+    def open_light_prefix(self, b: int) -> int:
+        """Move boundary b back to the start of the largest module that runs across it with
+        nothing heavy before it (torchvision ConvNeXt's norm-then-strided-conv downsample)."""
+        p = self.pos[self.cuts[b]]
+        best = b
+        for first, last in self.spans.values():
+            if first <= p < last:
+                a = self.cut_before(first)
+                if a < best and not any(self.heavy(k) for k in range(a + 1, b + 1)):
+                    best = a
+        return best
+
+    def at_module_edge(self, k: int) -> bool:
+        """No module other than a container has nodes on both sides of cut k."""
+        p = self.pos[self.cuts[k]]
+        return not any(
+            first <= p < last for path, (first, last) in self.spans.items() if path not in self.splittable
+        )
+
+
+def _owns_weight_matrix(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return any(p.dim() >= 2 for p in gm.get_submodule(node.target).parameters())
+    if node.op == "get_attr":
+        attr = _get_attr(gm, node.target)
+        return isinstance(attr, nn.Parameter) and attr.dim() >= 2
+    return False
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def detect_stage_cuts(facts: _GraphFacts) -> list[tuple[int, int]]:
+    """Apply the module docstring's rule; returns (entry cut index, exit cut index) per stage."""
+    last_cut = len(facts.cuts) - 1
+    first_drop = next((k for k in range(1, last_cut + 1) if facts.drops(k)), None)
+    if first_drop is None:
+        raise NoDownsamplingError(
+            "the network never lowers its resolution, so it has no stages to find; "
+            "name them with --stages FIRST:LAST,... (module paths)"
+        )
+    end = max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1)  # the head follows
+    while end > first_drop and not facts.at_module_edge(end):
+        end -= 1
+    stem = first_drop
+    while stem < end:
+        following_edge = next((k for k in range(stem + 1, end + 1) if facts.at_module_edge(k)), end)
+        if facts.at_module_edge(stem) and any(facts.heavy(k) for k in range(stem + 1, following_edge + 1)):
+            break
+        stem = following_edge
+    if not any(facts.drops(k) for k in range(stem + 2, end + 1)):
+        where = facts.cuts[stem].name
+        raise NoDownsamplingError(
+            f"found no downsampling after the stem (which ends at node '{where}'); "
+            "name the stages with --stages FIRST:LAST,... (module paths)"
+        )
+    splits = [stem]
+    for k in range(stem + 2, end + 1):
+        if facts.drops(k):
+            b = k - 1
+            while b > splits[-1] and not facts.at_module_edge(b):
+                b -= 1
+            b = max(facts.open_light_prefix(b), splits[-1])
+            if b > splits[-1]:
+                splits.append(b)
+    splits.append(end)
+    stages, start = [], None
+    for a, b in zip(splits, splits[1:]):
+        if b <= a:
+            continue
+        start = a if start is None else start
+        if any(facts.heavy(k) for k in range(a + 1, b + 1)):
+            stages.append((start, b))
+            start = None
+    return stages  # a trailing level without weights is left to the head
+
+
+def named_stage_cuts(facts: _GraphFacts, ranges: Sequence[ModuleRange]) -> list[tuple[int, int]]:
+    """Cut indices of user-named module ranges, with one-line errors for every way to get it wrong."""
+    cut_index = {facts.pos[c]: k for k, c in enumerate(facts.cuts)}
+    known = [name for name, _ in facts.gm.named_modules() if name]
+    stages = []
+    for first_module, last_module in ranges:
+        for path in (first_module, last_module):
+            if path not in facts.spans:
+                hint = difflib.get_close_matches(path, known, n=3)
+                exists = path in known
+                raise StageError(
+                    f"module '{path}' "
+                    + ("is never called in forward" if exists else "does not exist in the model")
+                    + (f"; did you mean {', '.join(hint)}?" if hint and not exists else "; see `rmn-fx inspect` for module paths")
+                )
+        start, end = facts.spans[first_module][0], facts.spans[last_module][1]
+        if end < start:
+            raise StageError(f"stage range {first_module}:{last_module} is backwards: '{last_module}' runs before '{first_module}'")
+        if end not in cut_index:
+            raise StageError(
+                f"a stage cannot end at '{last_module}': its output is not on the main path "
+                "(another branch joins after it); end the stage at a later module"
+            )
+        a = max(k for k, c in enumerate(facts.cuts) if facts.pos[c] < start)
+        b = cut_index[end]
+        if stages and a != stages[-1][1]:
+            prev = ranges[len(stages) - 1]
+            problem = "overlaps" if a < stages[-1][1] else "leaves a gap after"
+            raise StageError(
+                f"stage {first_module}:{last_module} {problem} stage {prev[0]}:{prev[1]}; "
+                "stages must follow each other in forward order without gaps"
+            )
+        stages.append((a, b))
+    return stages
+
+
+def _stage_from_cuts(facts: _GraphFacts, index: int, a: int, b: int) -> Stage:
+    entry, exit_ = facts.cuts[a], facts.cuts[b]
+    members = facts.nodes[facts.pos[entry] + 1 : facts.pos[exit_] + 1]
+    inside = set(members)
+    for node in members:
+        for source in node.all_input_nodes:
+            if source not in inside and source is not entry and source.op != "get_attr":
+                raise StageError(
+                    f"stage {index} (nodes {members[0].name}..{exit_.name}) reads '{source.name}', computed "
+                    "outside it; a routed stage may depend on its input only - choose other boundaries"
+                )
+        if node is not exit_ and any(user not in inside for user in node.users):
+            raise StageError(
+                f"stage {index} leaks '{node.name}' to later nodes; a stage must have one output - choose other boundaries"
+            )
+    layouts = [entry.meta.get("rmn_layout"), exit_.meta.get("rmn_layout")]
+    for node, layout in zip((entry, exit_), layouts):
+        if layout is None:
+            raise StageError(
+                f"stage {index} {'input' if node is entry else 'output'} '{node.name}' has shape "
+                f"{tensor_shape(node)}; stages must take and give feature maps or token sequences"
+            )
+    modules = facts.covered_modules(facts.pos[entry], facts.pos[exit_])
+    params: dict[int, torch.Tensor] = {}
+    for node in members:
+        if node.op == "call_module":
+            params.update((id(p), p) for p in facts.gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            attr = _get_attr(facts.gm, node.target)
+            if isinstance(attr, nn.Parameter):
+                params[id(attr)] = attr
+    return Stage(
+        index=index,
+        entry=entry.name,
+        exit=exit_.name,
+        nodes=tuple(n.name for n in members),
+        modules=modules,
+        in_shape=tensor_shape(entry),
+        out_shape=tensor_shape(exit_),
+        in_layout=layouts[0],
+        out_layout=layouts[1],
+        params=sum(p.numel() for p in params.values()),
+    )
+
+
+class FindStages(PassBase):
+    """Annotate stem / stages / head; `ranges` names the stages by module paths instead."""
+
+    def __init__(self, ranges: Sequence[ModuleRange] | None = None) -> None:
+        self.ranges = ranges
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes):
+            raise RuntimeError("FindStages needs ShapePropagation first")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        facts = _GraphFacts(graph_module)
+        cut_ranges = named_stage_cuts(facts, self.ranges) if self.ranges else detect_stage_cuts(facts)
+        stages = [_stage_from_cuts(facts, i + 1, a, b) for i, (a, b) in enumerate(cut_ranges)]
+        first_entry = facts.pos[facts.cuts[cut_ranges[0][0]]]
+        last_exit = facts.pos[facts.cuts[cut_ranges[-1][1]]]
+        part_of = {name: stage.name for stage in stages for name in stage.nodes}
+        for i, node in enumerate(facts.nodes):
+            if node.op in ("placeholder", "output"):
+                node.meta.pop("rmn_part", None)
+            elif node.name in part_of:
+                node.meta["rmn_part"] = part_of[node.name]
+            else:
+                node.meta["rmn_part"] = "stem" if i <= first_entry else "head"
+                assert i <= first_entry or i > last_exit
+        graph_module.meta["rmn_stages"] = stages
+        graph_module.meta["rmn_part_modules"] = {
+            "stem": facts.covered_modules(0, first_entry),
+            **{stage.name: stage.modules for stage in stages},
+            "head": facts.covered_modules(last_exit, len(facts.nodes)),
+        }
+        return PassResult(graph_module, False)

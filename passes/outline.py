@@ -1,0 +1,92 @@
+"""Rewrite: outline the stem, each stage and the head into submodules of their own.
+
+Reads the `rmn_part` annotation of `FindStages` and returns a new GraphModule whose
+top-level code reads stem -> stage_1 -> ... -> stage_S -> head; each part is a
+GraphModule that keeps the original module paths below it (`stage_1.layer1.0.conv1`).
+Values that skip parts (a batch size read at the stem and used by the head) are passed
+along; `get_attr` nodes are copied into every part that reads them.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+from torch import nn
+
+from .infra import PassBase, PassResult
+
+
+def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str):
+    """Copy `nodes` into a GraphModule; returns it with its outer inputs and outputs."""
+    members = set(nodes)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs: list[fx.Node] = []
+
+    def lookup(source: fx.Node) -> fx.Node:
+        if source not in env:
+            if source.op == "get_attr":
+                env[source] = graph.get_attr(source.target)
+            else:
+                inputs.append(source)
+                env[source] = graph.placeholder(source.name)
+        return env[source]
+
+    for node in nodes:
+        for source in node.all_input_nodes:
+            if source not in members:
+                lookup(source)
+        env[node] = graph.node_copy(node, lookup)
+    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[n] for n in outputs))
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name=name), inputs, outputs
+
+
+def part_order(graph: fx.Graph) -> list[str]:
+    order: list[str] = []
+    for node in graph.nodes:
+        part = node.meta.get("rmn_part")
+        if part is not None and node.op != "get_attr" and part not in order:
+            order.append(part)
+    return order
+
+
+class OutlineParts(PassBase):
+    """Replace the flat graph by calls to `stem`, `stage_i` and `head` submodules."""
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if "rmn_stages" not in graph_module.meta:
+            raise RuntimeError("OutlineParts needs FindStages first")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        top = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        parts = nn.Module()
+        for node in graph_module.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = top.node_copy(node, env.__getitem__)
+        for part in part_order(graph_module.graph):
+            nodes = [
+                n for n in graph_module.graph.nodes if n.meta.get("rmn_part") == part and n.op != "get_attr"
+            ]
+            submodule, inputs, outputs = _extract_part(graph_module, nodes, part)
+            parts.add_module(part, submodule)
+            call = top.call_module(part, tuple(env[i] for i in inputs))
+            if len(outputs) == 1:
+                env[outputs[0]] = call
+            else:
+                for k, out in enumerate(outputs):
+                    env[out] = top.create_node("call_function", operator.getitem, (call, k), name=out.name)
+        output = next(n for n in graph_module.graph.nodes if n.op == "output")
+        top.node_copy(output, env.__getitem__)
+        outlined = fx.GraphModule(parts, top, class_name=type(graph_module).__name__)
+        outlined.meta.update(graph_module.meta)
+        return PassResult(outlined, True)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        for stage in graph_module.meta["rmn_stages"]:
+            sub = graph_module.get_submodule(stage.name)
+            if sum(n.op == "placeholder" for n in sub.graph.nodes) != 1:
+                raise AssertionError(f"{stage.name} must take exactly one input")

@@ -1,0 +1,64 @@
+"""Analysis: run a sample input through the graph and record shapes and layouts.
+
+Wraps `torch.fx.passes.shape_prop.ShapeProp` (stable API) and adds, on every node that
+holds a batched feature map, `meta["rmn_layout"]` (a FeatureLayout) and
+`meta["rmn_resolution"]` (spatial positions per sample). No mutation of the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from rmn_fx.errors import InputSizeError
+from rmn_fx.layout import infer_layout
+
+from .infra import PassBase, PassResult
+
+SAMPLE_BATCH = 2  # > 1 so that a folded batch dimension (windows, heads) is told apart
+
+
+def sample_input(input_size: tuple[int, int, int], batch: int = SAMPLE_BATCH, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_size, generator=generator)
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def carries_tensors(node: fx.Node) -> bool:
+    return "tensor_meta" in node.meta
+
+
+class ShapePropagation(PassBase):
+    """Annotate shapes (`tensor_meta`), layouts and resolutions from one sample forward."""
+
+    def __init__(self, sample: torch.Tensor) -> None:
+        self.sample = sample
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        was_training = graph_module.training
+        graph_module.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(graph_module).propagate(self.sample)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            size = "x".join(map(str, self.sample.shape[1:]))
+            raise InputSizeError(
+                f"{type(graph_module).__name__} rejects a {size} input ({reason}); "
+                "pass an input size it accepts (--input-size C,H,W)"
+            ) from exc
+        finally:
+            graph_module.train(was_training)
+        batch, image_hw = self.sample.shape[0], tuple(self.sample.shape[-2:])
+        for node in graph_module.graph.nodes:
+            shape = tensor_shape(node)
+            layout = infer_layout(shape, batch, image_hw) if shape else None
+            if layout is not None:
+                node.meta["rmn_layout"] = layout
+                node.meta["rmn_resolution"] = layout.resolution(shape)
+        return PassResult(graph_module, False)

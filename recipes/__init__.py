@@ -1,0 +1,1 @@
+"""RMN training recipes (issue 3): the four-step schedule. Not implemented yet."""

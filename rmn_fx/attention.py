@@ -1,0 +1,38 @@
+"""Conditional Attention: SE channel attention that also sees which procedure ran.
+
+  s = 2 * sigmoid(FC2(concat(ReLU(FC1(GAP(y))), one_hot(route)))),   output = s * y
+
+The route code is a one-hot vector of size N (the method leaves the encoding open). FC2
+starts at zero, so s == 1 exactly and a freshly converted model computes the original
+function; the factor 2 keeps the gate's range centred on that identity (0..2). CA is
+shared by all procedures of a stage; the route enters only through the code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import LAYOUTS
+
+
+class ConditionalAttention(nn.Module):
+    def __init__(self, channels: int, branches: int, layout: str = "NCHW", reduction: int = 16) -> None:
+        super().__init__()
+        self.branches, self.layout = branches, layout
+        hidden = max(1, channels // reduction)
+        self.squeeze = nn.Linear(channels, hidden)
+        self.excite = nn.Linear(hidden + branches, channels)
+        nn.init.zeros_(self.excite.weight)
+        nn.init.zeros_(self.excite.bias)
+
+    def extra_repr(self) -> str:
+        return f"branches={self.branches}, layout={self.layout}"
+
+    def forward(self, y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        layout = LAYOUTS[self.layout]
+        squeezed = F.relu(self.squeeze(layout.pool(y)))
+        code = F.one_hot(route, self.branches).to(squeezed.dtype)
+        gate = 2.0 * torch.sigmoid(self.excite(torch.cat([squeezed, code], dim=1)))
+        return y * layout.broadcast(gate, y.dim())

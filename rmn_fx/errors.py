@@ -1,0 +1,49 @@
+"""Exceptions rmn-fx raises for bad input.
+
+Every message is one line that names the problem and the fix; the CLI prints it as is
+(exit code 2, no traceback). Catch `RMNError` to catch them all.
+"""
+
+
+class RMNError(Exception):
+    """Base class of every error rmn-fx raises on purpose."""
+
+
+class OptionError(RMNError, ValueError):
+    """A conversion option is out of range (branches < 1, unknown stage index, ...)."""
+
+
+class ModelNotFoundError(RMNError, LookupError):
+    """A model name resolves to neither torchvision, timm, nor an importable factory."""
+
+
+class WeightsError(RMNError):
+    """A --weights file is missing, unreadable, or does not fit the model."""
+
+
+class TraceError(RMNError):
+    """torch.fx cannot capture the model; the message names the module and the reason."""
+
+
+class InputSizeError(RMNError):
+    """The model rejects the sample input used for shape propagation."""
+
+
+class StageError(RMNError):
+    """Stages cannot be found, or the stages a user named do not describe the network."""
+
+
+class NoDownsamplingError(StageError):
+    """The network has no resolution drop after its stem, so stages must be named by hand."""
+
+
+class ConversionError(RMNError):
+    """The converted model does not compute the original function (a bug: please report)."""
+
+
+class ModelFileError(RMNError):
+    """A model file is missing, corrupt, truncated, of another format version, or not ours."""
+
+
+class OutputPathError(RMNError):
+    """An output path cannot be written (missing or read-only directory)."""

@@ -1,0 +1,66 @@
+"""Where channels and spatial positions sit in a feature tensor.
+
+Convolutional models carry NCHW tensors, Swin-style models NHWC, transformers token
+sequences [B, L, C]. The layout of a 4-D tensor is read off its shape: the pair of
+dimensions whose aspect ratio matches the input image's is the spatial pair (NCHW wins
+a tie). Routing keys and attention squeeze over the spatial positions of that layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Channel dimension and spatial dimensions of a batched feature tensor."""
+
+    name: str
+    channel_dim: int
+    spatial_dims: tuple[int, ...]
+
+    def resolution(self, shape) -> int:
+        """Spatial positions per sample: the quantity whose drops delimit stages."""
+        return math.prod(shape[d] for d in self.spatial_dims)
+
+    def channels(self, shape) -> int:
+        return shape[self.channel_dim]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pooling to [B, C]."""
+        return x.mean(dim=self.spatial_dims)
+
+    def broadcast(self, per_channel: torch.Tensor, ndim: int) -> torch.Tensor:
+        """View a [B, C] tensor so that it broadcasts against a feature tensor of this layout."""
+        shape = [per_channel.shape[0]] + [1] * (ndim - 1)
+        shape[self.channel_dim] = per_channel.shape[1]
+        return per_channel.view(shape)
+
+
+NCHW = FeatureLayout("NCHW", 1, (2, 3))
+NHWC = FeatureLayout("NHWC", 3, (1, 2))
+NLC = FeatureLayout("NLC", 2, (1,))
+LAYOUTS = {layout.name: layout for layout in (NCHW, NHWC, NLC)}
+
+
+def infer_layout(shape, batch: int, image_hw: tuple[int, int]) -> FeatureLayout | None:
+    """The layout of a tensor of `shape` inside a model fed `batch` images of size `image_hw`.
+
+    Returns None for anything that is not a per-sample feature map or token sequence
+    (pooled vectors, tensors with folded batch dimensions, scalars).
+    """
+    if len(shape) not in (3, 4) or shape[0] != batch:
+        return None
+    if len(shape) == 3:
+        return NLC
+    height, width = image_hw
+
+    def aspect_error(a: int, b: int) -> int:
+        return abs(a * width - b * height)
+
+    if aspect_error(shape[2], shape[3]) <= aspect_error(shape[1], shape[2]):
+        return NCHW
+    return NHWC

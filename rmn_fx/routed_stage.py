@@ -1,0 +1,50 @@
+"""RoutedStage: a stage replaced by a memory router, N procedures and optional attention."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .attention import ConditionalAttention
+from .layout import LAYOUTS
+from .routing import MemoryRouter, dispatch
+
+
+class RoutedStage(nn.Module):
+    """N parallel procedures (clones of one stage) behind a nearest-memory router.
+
+    The key is the global average of the stage input; each sample runs through the one
+    procedure its key is routed to; Conditional Attention (if on) gates the result.
+    Right after construction all procedures equal `procedure` and the attention is the
+    identity, so the stage computes what `procedure` computes.
+    """
+
+    def __init__(
+        self,
+        procedure: nn.Module,
+        branches: int,
+        in_channels: int,
+        out_channels: int,
+        in_layout: str = "NCHW",
+        out_layout: str = "NCHW",
+        attention: bool = True,
+        momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.in_layout = in_layout
+        self.router = MemoryRouter(branches, in_channels, momentum)
+        self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(branches - 1)])
+        self.attention = ConditionalAttention(out_channels, branches, out_layout) if attention else None
+
+    @property
+    def branches(self) -> int:
+        return len(self.procedures)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.router(LAYOUTS[self.in_layout].pool(x))
+        y = dispatch(x, route, self.procedures)
+        if self.attention is not None:
+            y = self.attention(y, route)
+        return y

@@ -1,0 +1,75 @@
+"""Memory-based hard routing and the dispatch that runs each sample through one procedure.
+
+Routing is parameter-free (RMN, NeurIPS 2021): a stage's key is the global average of its
+input, and the route is the index of the nearest memory (Euclidean). Memories are buffers
+that receive no gradient; in training mode they follow the keys routed to them by a moving
+average. In eval mode nothing changes, so a sample's route never depends on its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MemoryRouter(nn.Module):
+    """Nearest-memory routing over `branches` memories of size `key_dim`.
+
+    Buffers: `memory` [N, C] (the keys' moving averages), `samples` [N] (how many training
+    samples each procedure has received, for load reports and dead-procedure detection).
+    Memories start at zero, so every sample takes procedure 0 until they are initialised
+    (k-means over training keys, step 3 of the recipe).
+    """
+
+    def __init__(self, branches: int, key_dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        self.branches, self.key_dim, self.momentum = branches, key_dim, momentum
+        self.register_buffer("memory", torch.zeros(branches, key_dim))
+        self.register_buffer("samples", torch.zeros(branches, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"branches={self.branches}, key_dim={self.key_dim}, momentum={self.momentum}"
+
+    def forward(self, key: torch.Tensor) -> torch.Tensor:
+        """Route each row of `key` [B, C]; in training mode also update the memories."""
+        key = key.detach().to(self.memory.dtype)
+        distances = (key.unsqueeze(1) - self.memory.unsqueeze(0)).square().sum(-1)
+        route = distances.argmin(dim=1)
+        if self.training:
+            self.update(key, route)
+        return route
+
+    @torch.no_grad()
+    def update(self, key: torch.Tensor, route: torch.Tensor) -> None:
+        """m_j <- a * m_j + (1 - a) * mean(keys routed to j), for every j that got a sample."""
+        sums = torch.zeros_like(self.memory).index_add_(0, route, key)
+        counts = torch.bincount(route, minlength=self.branches)
+        sums, counts = self.reduce_statistics(sums, counts)
+        hit = counts > 0
+        means = sums[hit] / counts[hit].unsqueeze(1).to(sums.dtype)
+        self.memory[hit] = self.momentum * self.memory[hit] + (1.0 - self.momentum) * means
+        self.samples += counts
+
+    def reduce_statistics(self, sums: torch.Tensor, counts: torch.Tensor):
+        """Hook for data-parallel training: sum the statistics of all ranks (identity here)."""
+        return sums, counts
+
+
+def dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) -> torch.Tensor:
+    """Run each sample of `x` through `procedures[route[i]]` only, and keep the batch order.
+
+    Samples are sorted by route, split into one contiguous sub-batch per procedure, run,
+    and scattered back. Procedures that receive no sample are not run. One host sync
+    (the sub-batch sizes) per stage.
+    """
+    sizes = torch.bincount(route, minlength=len(procedures)).tolist()
+    busiest = max(range(len(sizes)), key=sizes.__getitem__)
+    if sizes[busiest] == x.shape[0]:  # one procedure takes the whole batch: no reordering
+        return procedures[busiest](x)
+    order = torch.argsort(route, stable=True)
+    chunks = x.index_select(0, order).split(sizes)
+    outputs = [proc(chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
+    ordered = torch.cat(outputs)
+    return torch.empty_like(ordered).index_copy_(0, order, ordered)

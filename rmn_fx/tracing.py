@@ -1,0 +1,107 @@
+"""Capture a model as a torch.fx GraphModule that keeps module paths.
+
+Tracing uses the leaf modules and autowrapped functions that timm registers for FX
+(`timm.layers._fx`) and treats torchvision.ops modules as leaves, as torchvision's own
+feature extraction does. Every node keeps `meta["nn_module_stack"]`, the module paths it
+was called under, which the stage analysis uses to place boundaries at module edges.
+
+The model is traced in eval mode: Python branches on `self.training` take their inference
+path (Inception's auxiliary logits, for one). Dropout, DropPath and StochasticDepth stay
+modules, so they still act in training mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.fx as fx
+import torchvision.ops
+from torch import nn
+
+from .errors import TraceError
+
+
+def _module_classes(namespace) -> set[type]:
+    return {obj for obj in vars(namespace).values() if isinstance(obj, type) and issubclass(obj, nn.Module)}
+
+
+def _timm_leaves() -> tuple[set[type], set]:
+    try:
+        from timm.layers import DropPath, _fx
+    except ImportError:  # timm is optional for tracing plain torch models
+        return set(), set()
+    return set(_fx.get_notrace_modules()) | {DropPath}, set(_fx.get_notrace_functions())
+
+
+class RMNTracer(fx.Tracer):
+    """torch.fx tracer with timm's and torchvision's leaves that remembers where it failed."""
+
+    def __init__(self) -> None:
+        timm_modules, timm_functions = _timm_leaves()
+        self.leaf_types = tuple(_module_classes(torchvision.ops) | timm_modules)
+        super().__init__(
+            autowrap_modules=(math, torchvision.ops),
+            autowrap_functions=tuple(f for f in timm_functions if callable(f)),
+            param_shapes_constant=True,
+        )
+        self.failed_module: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module raises first
+                self.failed_module = (self.path_of_module(m) or "<root>", type(m).__name__)
+            raise
+
+
+def _concrete_args(model: nn.Module) -> dict:
+    """Fix every forward argument after the image to its default, so the graph has one input."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    fixed = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward needs argument '{p.name}' besides the image; "
+                "wrap the model so that forward(x) takes the image only"
+            )
+        fixed[p.name] = p.default
+    return fixed
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace `model` (in eval mode) to a GraphModule whose nodes keep their module paths."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = RMNTracer()
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tracer.trace(model, concrete_args=_concrete_args(model))
+    except TraceError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = (
+            f"module '{tracer.failed_module[0]}' ({tracer.failed_module[1]})"
+            if tracer.failed_module
+            else f"{type(model).__name__}.forward"
+        )
+        raise TraceError(
+            f"torch.fx cannot trace {where}: {reason}; make it traceable (e.g. remove "
+            "data-dependent control flow) or register it as a leaf with "
+            "timm.layers.register_notrace_module"
+        ) from exc
+    finally:
+        model.train(was_training)
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, class_name=name)
+    gm.train(was_training)
+    return gm

@@ -1,0 +1,175 @@
+"""The public API: analyse a backbone, and transform it into an RMN GraphModule.
+
+    analyze:   trace -> ShapePropagation -> FindStages -> OutlineParts   (an Anatomy)
+    transform: analyze -> RouteStages -> verify on the sample input     (a GraphModule)
+
+The converted GraphModule's top-level code reads stem -> stage_1 ... stage_S -> head, and
+`gm.meta["rmn_fx"]` records how it was made (what `save` stores to rebuild it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from rmn_fx.passes.find_stages import FindStages, Stage, parse_stage_ranges
+from rmn_fx.passes.infra import PassManager
+from rmn_fx.passes.outline import OutlineParts
+from rmn_fx.passes.route import RouteStages
+from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
+
+from .errors import ConversionError, OptionError, RMNError
+from .measure import count_params, flop_counts
+from .models import create_model, default_input_size
+from .tracing import trace
+
+VERIFY_RTOL = 1e-5
+
+
+@dataclass
+class Anatomy:
+    """A backbone split into stem, stages and head (outlined, not yet routed)."""
+
+    graph_module: fx.GraphModule
+    stages: list[Stage]
+    input_size: tuple[int, int, int]
+    source: dict | None
+
+    def parts(self) -> list[dict]:
+        """One row per part: name, modules, shapes, parameters, share of FLOPs."""
+        sample = sample_input(self.input_size)
+        total, per_module = flop_counts(self.graph_module, sample)
+        stages = {s.name: s for s in self.stages}
+        rows = []
+        for name in part_order_of(self.graph_module):
+            part = self.graph_module.get_submodule(name)
+            stage = stages.get(name)
+            rows.append(
+                {
+                    "part": name,
+                    "modules": list(self.graph_module.meta["rmn_part_modules"].get(name, ())),
+                    "in_shape": list(stage.in_shape[1:]) if stage else None,
+                    "out_shape": list(stage.out_shape[1:]) if stage else None,
+                    "layout": stage.in_layout.name if stage else None,
+                    "params": count_params(part),
+                    "flops_share": per_module.get(name, 0) / total if total else 0.0,
+                }
+            )
+        return rows
+
+    def stage_ranges(self) -> str:
+        """The stages as a --stages argument (module ranges), where module edges allow it."""
+        return ",".join(f"{s.modules[0]}:{s.modules[-1]}" if s.modules else "?" for s in self.stages)
+
+
+def part_order_of(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def _resolve(model: nn.Module | str, num_classes: int | None):
+    if isinstance(model, str):
+        return create_model(model, num_classes), {"model": model, "num_classes": num_classes}
+    if not isinstance(model, nn.Module):
+        raise OptionError(f"expected an nn.Module or a model name, got {type(model).__name__}")
+    if num_classes is not None:
+        raise OptionError("num_classes applies to model names only; build your model with the classes you need")
+    return copy.deepcopy(model), None
+
+
+def _check_input_size(input_size) -> tuple[int, int, int]:
+    size = tuple(input_size)
+    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise OptionError(f"input_size must be three positive integers C,H,W, got {input_size!r}")
+    return size
+
+
+def analyze(
+    model: nn.Module | str,
+    stages: str | Sequence | None = None,
+    input_size: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> Anatomy:
+    """Find the stem, stages and head of `model` (an nn.Module or a model name)."""
+    base, source = _resolve(model, num_classes)
+    size = _check_input_size(input_size or default_input_size(base))
+    ranges = parse_stage_ranges(stages) if stages is not None else None
+    gm = trace(base)
+    gm, _ = PassManager([ShapePropagation(sample_input(size)), FindStages(ranges), OutlineParts()])(gm)
+    return Anatomy(gm, gm.meta["rmn_stages"], size, source)
+
+
+def transform(
+    model: nn.Module | str,
+    branches: int = 8,
+    attention: bool = True,
+    stages: str | Sequence | None = None,
+    routed: Sequence[int] | None = None,
+    input_size: Sequence[int] | None = None,
+    momentum: float = 0.9,
+    num_classes: int | None = None,
+    verify: bool = True,
+) -> fx.GraphModule:
+    """Convert `model` into an RMN GraphModule with `branches` procedures per routed stage.
+
+    model:      an nn.Module (left untouched; it is copied) or a model name.
+    stages:     module-path ranges "a:b,c:d" instead of automatic detection.
+    routed:     1-based indices of the stages to route (default: all).
+    input_size: C,H,W of the sample used for shape propagation (default: the model's own).
+    verify:     check on the sample that the result computes the original function.
+    """
+    if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
+        raise OptionError(f"branches must be an integer >= 1, got {branches!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise OptionError(f"momentum must lie in [0, 1), got {momentum!r}")
+    anatomy = analyze(model, stages, input_size, num_classes)
+    count = len(anatomy.stages)
+    routed = list(range(1, count + 1)) if routed is None else sorted(set(routed))
+    if not routed or not all(isinstance(i, int) and 1 <= i <= count for i in routed):
+        raise OptionError(f"routed stages must be indices in 1..{count}, got {routed!r}")
+    gm = anatomy.graph_module
+    was_training = gm.training
+    sample = sample_input(anatomy.input_size)
+    expected = _outputs(gm, sample) if verify else None
+    gm, _ = PassManager([RouteStages(branches, attention, routed, momentum)])(gm)
+    gm.meta["rmn_fx"] = {
+        "source": anatomy.source,
+        "input_size": list(anatomy.input_size),
+        "branches": branches,
+        "attention": attention,
+        "routed": routed,
+        "momentum": momentum,
+        "stages": None if stages is None else [list(r) for r in parse_stage_ranges(stages)],
+        "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
+    }
+    if verify:
+        _verify(expected, _outputs(gm, sample))
+    gm.train(was_training)
+    return gm
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.eval()
+    leaves, _ = tree_flatten(model(x))
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _verify(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
+    if len(expected) != len(actual):
+        raise ConversionError("the converted model returns a different number of tensors than the original")
+    for want, got in zip(expected, actual):
+        scale = want.abs().max().item() if want.numel() else 0.0
+        error = (want - got).abs().max().item() if want.numel() else 0.0
+        if want.shape != got.shape or error > VERIFY_RTOL * max(scale, 1e-12):
+            raise ConversionError(
+                f"the converted model differs from the original on the sample input (max error {error:.3g}); please report this model"
+            )
+
+
+__all__ = ["Anatomy", "analyze", "transform", "RMNError"]
