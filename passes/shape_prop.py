@@ -1,15 +1,17 @@
 """Analysis: run a sample input through the graph and record shapes and layouts.
 
-Wraps `torch.fx.passes.shape_prop.ShapeProp` (stable API) and adds, on every node that
-holds a batched feature map, `meta["rmn_layout"]` (a FeatureLayout) and
-`meta["rmn_resolution"]` (spatial positions per sample). No mutation of the graph.
+Records `meta["tensor_meta"]` as `torch.fx.passes.shape_prop.ShapeProp` does (without its
+traceback printing, so a rejected input size gives one clean error naming the node) and,
+on every node that holds a batched feature map, `meta["rmn_layout"]` (a FeatureLayout)
+and `meta["rmn_resolution"]` (spatial positions per sample). No mutation of the graph.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rmn_fx.errors import InputSizeError
 from rmn_fx.layout import infer_layout
@@ -33,6 +35,30 @@ def carries_tensors(node: fx.Node) -> bool:
     return "tensor_meta" in node.meta
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and stores the shapes of what every node produces."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        result = super().run_node(n)
+        found = False
+
+        def extract(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 class ShapePropagation(PassBase):
     """Annotate shapes (`tensor_meta`), layouts and resolutions from one sample forward."""
 
@@ -42,15 +68,16 @@ class ShapePropagation(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         was_training = graph_module.training
         graph_module.eval()
+        recorder = _ShapeRecorder(graph_module)
         try:
             with torch.no_grad():
-                ShapeProp(graph_module).propagate(self.sample)
+                recorder.run(self.sample)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             size = "x".join(map(str, self.sample.shape[1:]))
             raise InputSizeError(
-                f"{type(graph_module).__name__} rejects a {size} input ({reason}); "
-                "pass an input size it accepts (--input-size C,H,W)"
+                f"{type(graph_module).__name__} rejects a {size} input at node '{recorder.current}' "
+                f"({reason}); pass an input size it accepts (--input-size C,H,W)"
             ) from exc
         finally:
             graph_module.train(was_training)

@@ -57,6 +57,19 @@ class MemoryRouter(nn.Module):
         return sums, counts
 
 
+def run_procedure(procedure: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run `procedure` on a sub-batch. In training mode a lone sample runs in eval mode:
+    one sample has no batch statistics (BatchNorm would fail on a 1x1 map, and its
+    running statistics are the better estimate anyway). Gradients flow as usual."""
+    if not (procedure.training and x.shape[0] == 1):
+        return procedure(x)
+    procedure.eval()
+    try:
+        return procedure(x)
+    finally:
+        procedure.train()
+
+
 def dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) -> torch.Tensor:
     """Run each sample of `x` through `procedures[route[i]]` only, and keep the batch order.
 
@@ -67,9 +80,9 @@ def dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) ->
     sizes = torch.bincount(route, minlength=len(procedures)).tolist()
     busiest = max(range(len(sizes)), key=sizes.__getitem__)
     if sizes[busiest] == x.shape[0]:  # one procedure takes the whole batch: no reordering
-        return procedures[busiest](x)
+        return run_procedure(procedures[busiest], x)
     order = torch.argsort(route, stable=True)
     chunks = x.index_select(0, order).split(sizes)
-    outputs = [proc(chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
+    outputs = [run_procedure(proc, chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
     ordered = torch.cat(outputs)
     return torch.empty_like(ordered).index_copy_(0, order, ordered)

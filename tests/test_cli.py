@@ -1,0 +1,158 @@
+"""The rmn-fx command line: the happy paths and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rmn_fx
+from rmn_fx.cli import main
+
+TESTS = Path(__file__).parent
+TINY = "tiny_models:tiny_cnn"
+
+
+@pytest.fixture(autouse=True)
+def tiny_models_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """The installed console script in a fresh process (what a user runs)."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    script = Path(sys.executable).with_name("rmn-fx")  # the venv's console script
+    proc = subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rmn-fx: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_convert_and_inspect_from_the_console_script(tmp_path):
+    out = tmp_path / "model.pt"
+    code, stdout, err = run_cli("convert", TINY, "--branches", "3", "--input-size", "32", "-o", str(out))
+    assert code == 0, err
+    assert "wrote" in stdout and out.is_file()
+    gm = rmn_fx.load(str(out), model=__import__("tiny_models").tiny_cnn())
+    assert gm.meta["rmn_fx"]["branches"] == 3 and len(gm.meta["rmn_stages"]) == 3
+    code, stdout, err = run_cli("inspect", TINY, "--input-size", "32")
+    assert code == 0, err
+    assert "stage_3" in stdout and "as --stages:" in stdout
+
+
+def test_inspect_json_output(capsys):
+    assert main(["inspect", "resnet18", "--input-size", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    parts = [row["part"] for row in report["parts"]]
+    assert parts == ["stem", "stage_1", "stage_2", "stage_3", "stage_4", "head"]
+    assert [row["modules"] for row in report["parts"][1:5]] == [["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    assert sum(row["flops_share"] for row in report["parts"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["inspect"]])
+def test_every_command_has_help(command, capsys):
+    assert main([*command, "--help"]) == 0
+    assert "Usage:" in capsys.readouterr().out
+
+
+def cli_error(args, tmp_path, capsys, *needles):
+    out = tmp_path / "model.pt"
+    code = main([*args, "-o", str(out)] if args[0] == "convert" else args)
+    assert_one_line_error(code, capsys.readouterr().err, *needles)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "weights.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["convert", "resnt18"], ["unknown model 'resnt18'", "resnet18"]),
+        (["convert", "timm:not_a_net"], ["unknown model 'not_a_net'"]),
+        (["convert", "no_such_module:factory"], ["cannot import model factory"]),
+        (["convert", "tiny_models:not_a_module"], ["not an nn.Module"]),
+        (["convert", TINY, "--branches", "0"], ["--branches", "0"]),
+        (["convert", TINY, "--branches", "-3"], ["--branches"]),
+        (["convert", TINY, "--branches", "two"], ["--branches", "two"]),
+        (["convert", TINY, "--branches", "2.5"], ["--branches"]),
+        (["convert", "tiny_models:no_downsampling", "--input-size", "32"], ["no downsampling", "--stages"]),
+        (["convert", TINY, "--input-size", "32", "--stages", "1:9"], ["module '9' does not exist"]),
+        (["convert", TINY, "--input-size", "32", "--stages", "2,1"], ["overlaps"]),
+        (["convert", TINY, "--input-size", "32", "--stages", "1,3"], ["gap"]),
+        (["convert", TINY, "--input-size", "32", "--routed", "4"], ["routed stages must be indices in 1..3"]),
+        (["convert", "tiny_models:untraceable", "--input-size", "32"], ["cannot trace", "DataDependent"]),
+        (["convert", TINY, "--input-size", "4,32,32"], ["rejects a 4x32x32 input", "--input-size"]),
+        (["convert", "tiny_models:fixed_size", "--input-size", "48"], ["rejects a 3x48x48 input"]),
+        (["convert", TINY, "--input-size", "3,x,2"], ["--input-size"]),
+        (["inspect", "tiny_models:no_downsampling", "--input-size", "32"], ["no downsampling"]),
+    ],
+)
+def test_bad_input_gets_a_one_line_error_and_writes_nothing(args, needles, tmp_path, capsys):
+    cli_error(args, tmp_path, capsys, *needles)
+
+
+def test_bad_weights_files(tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    cli_error(["convert", TINY, "--input-size", "32", "--weights", str(weights)], tmp_path, capsys, "does not exist")
+    weights.write_bytes(os.urandom(300))
+    cli_error(["convert", TINY, "--input-size", "32", "--weights", str(weights)], tmp_path, capsys, "cannot read weights file")
+    torch.save(__import__("tiny_models").tiny_cnn(num_classes=7).state_dict(), weights)
+    cli_error(["convert", TINY, "--input-size", "32", "--weights", str(weights)], tmp_path, capsys, "does not fit", "mis-shaped")
+
+
+def test_weights_are_loaded_before_conversion(tmp_path, capsys):
+    import tiny_models
+
+    base = tiny_models.tiny_cnn()
+    torch.nn.init.normal_(base[1][0][0].weight)
+    weights, out = tmp_path / "weights.pt", tmp_path / "model.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in base.state_dict().items()}}, weights)
+    assert main(["convert", TINY, "--input-size", "32", "--weights", str(weights), "-o", str(out)]) == 0
+    gm = rmn_fx.load(str(out), model=tiny_models.tiny_cnn())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), base.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["missing", "file", "directory"])
+def test_unwritable_output_paths(where, tmp_path, capsys):
+    target = {
+        "missing": tmp_path / "no" / "model.pt",
+        "file": tmp_path / "a_file" / "model.pt",
+        "directory": tmp_path,
+    }[where]
+    (tmp_path / "a_file").write_text("x")
+    code = main(["convert", TINY, "--input-size", "32", "-o", str(target)])
+    assert_one_line_error(code, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_read_only_output_directory(tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes through file modes; sysfs is read-only for everyone
+        directory = Path("/sys")
+    else:
+        directory = tmp_path / "ro"
+        directory.mkdir(mode=0o555)
+    code = main(["convert", TINY, "--input-size", "32", "-o", str(directory / "model.pt")])
+    assert_one_line_error(code, capsys.readouterr().err, "cannot write to directory")
+
+
+def test_console_script_errors_have_no_traceback(tmp_path):
+    code, _, err = run_cli("convert", "resnt18", "-o", str(tmp_path / "m.pt"))
+    assert_one_line_error(code, err, "unknown model")
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "rmn_fx", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "convert" in proc.stdout

@@ -1,0 +1,89 @@
+"""Model names, weights files and the API's option checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import rmn_fx
+from rmn_fx.errors import ModelNotFoundError, OptionError, WeightsError
+from rmn_fx.models import create_model, default_input_size, load_weights
+
+
+def test_names_resolve_to_torchvision_first_then_timm():
+    assert isinstance(create_model("resnet18"), torchvision.models.ResNet)
+    assert isinstance(create_model("timm:resnet18"), timm.models.ResNet)
+    assert isinstance(create_model("resnet10t"), timm.models.ResNet)  # timm only
+    assert create_model("resnet18", num_classes=7).fc.out_features == 7
+
+
+def test_unknown_names_suggest_close_matches():
+    with pytest.raises(ModelNotFoundError, match="did you mean .*convnext_tiny"):
+        create_model("convnxt_tiny")
+
+
+def test_input_size_comes_from_timm_config_or_torchvision_default():
+    assert default_input_size(create_model("timm:resnet18")) == tuple(timm.create_model("resnet18").pretrained_cfg["input_size"])
+    assert default_input_size(create_model("resnet18")) == (3, 224, 224)
+
+
+def test_weights_mismatch_names_the_tensor(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(create_model("resnet18", num_classes=3).state_dict(), path)
+    with pytest.raises(WeightsError, match="'fc.weight' is"):
+        load_weights(create_model("resnet18"), str(path))
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"branches": 0}, "branches"),
+        ({"branches": 2.0}, "branches"),
+        ({"branches": True}, "branches"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"input_size": (3, 64)}, "input_size"),
+        ({"routed": [0]}, "routed"),
+        ({"num_classes": 3}, "num_classes"),
+    ],
+)
+def test_api_rejects_bad_options(kwargs, needle):
+    model = torchvision.models.resnet18()
+    with pytest.raises(OptionError, match=needle):
+        rmn_fx.transform(model, **({"input_size": (3, 64, 64)} | kwargs))
+
+
+def test_transform_leaves_the_users_model_untouched():
+    model = torchvision.models.resnet18().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = rmn_fx.transform(model, branches=2, input_size=(3, 64, 64))
+    gm.train()(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_only_the_chosen_stages_are_routed():
+    gm = rmn_fx.transform("resnet18", branches=4, routed=[2, 4], input_size=(3, 64, 64))
+    routed = [isinstance(gm.get_submodule(f"stage_{i}"), rmn_fx.RoutedStage) for i in range(1, 5)]
+    assert routed == [False, True, False, True]
+    assert gm.meta["rmn_fx"]["routed"] == [2, 4]
+
+
+def test_top_level_code_reads_stem_stages_head():
+    gm = rmn_fx.transform("resnet18", branches=2, input_size=(3, 64, 64))
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["stem", "stage_1", "stage_2", "stage_3", "stage_4", "head"]
+    assert "self.stage_1(stem)" in gm.code
+
+
+def test_installed_packages_do_not_claim_generic_names(tmp_path):
+    code = (
+        "import importlib.util as u, rmn_fx.passes, rmn_fx.recipes;"
+        "print(u.find_spec('passes') is None and u.find_spec('recipes') is None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -1,0 +1,90 @@
+"""MemoryRouter, dispatch, Conditional Attention and RoutedStage on their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rmn_fx import RoutedStage
+from rmn_fx.attention import ConditionalAttention
+from rmn_fx.routing import MemoryRouter, dispatch
+
+
+def test_router_picks_the_nearest_memory_and_updates_by_moving_average():
+    router = MemoryRouter(branches=3, key_dim=2, momentum=0.9)
+    router.memory.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+    keys = torch.tensor([[1.0, 0.0], [9.0, 1.0], [11.0, -1.0]])
+    router.eval()
+    assert router(keys).tolist() == [0, 1, 1]
+    assert torch.equal(router.memory[1], torch.tensor([10.0, 0.0]))  # eval: untouched
+    router.train()
+    router(keys)
+    expected = torch.tensor([[0.1, 0.0], [10.0, 0.0], [0.0, 10.0]])  # [1]: 0.9*[10,0] + 0.1*mean([9,1],[11,-1])
+    assert torch.allclose(router.memory, expected)
+    assert router.samples.tolist() == [1, 2, 0]
+
+
+def test_router_memories_get_no_gradient():
+    router = MemoryRouter(2, 4).train()
+    key = torch.randn(5, 4, requires_grad=True)
+    router(key)
+    assert not router.memory.requires_grad
+    assert "memory" in dict(router.named_buffers()) and not list(router.parameters())
+
+
+def test_dispatch_runs_each_sample_through_its_procedure_only():
+    procedures = nn.ModuleList(nn.Linear(3, 3) for _ in range(4))
+    x = torch.randn(7, 3)
+    route = torch.tensor([2, 0, 2, 3, 0, 2, 3])
+    calls = []
+    for j, p in enumerate(procedures):
+        p.register_forward_hook(lambda m, a, out, j=j: calls.append((j, a[0].shape[0])))
+    y = dispatch(x, route, procedures)
+    assert calls == [(0, 2), (2, 3), (3, 2)]  # procedure 1 got nothing and never ran
+    for i in range(7):
+        assert torch.allclose(y[i], procedures[route[i]](x[i : i + 1])[0], atol=1e-6)
+
+
+def test_dispatch_handles_an_empty_batch():
+    procedures = nn.ModuleList(nn.Linear(3, 3) for _ in range(2))
+    assert dispatch(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), procedures).shape == (0, 3)
+
+
+def test_conditional_attention_is_the_identity_at_conversion_and_learns():
+    ca = ConditionalAttention(channels=32, branches=4)
+    y = torch.randn(5, 32, 3, 3)
+    route = torch.tensor([0, 1, 2, 3, 0])
+    assert torch.equal(ca(y, route), y)
+    ca(y, route).square().sum().backward()
+    assert ca.excite.weight.grad.abs().sum() > 0
+
+
+def test_conditional_attention_depends_on_the_route_after_training():
+    ca = ConditionalAttention(channels=16, branches=2, layout="NHWC")
+    nn.init.normal_(ca.excite.weight)
+    y = torch.randn(1, 4, 4, 16)
+    assert not torch.allclose(ca(y, torch.tensor([0])), ca(y, torch.tensor([1])))
+
+
+def block():
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+
+@pytest.mark.parametrize("spatial", [1, 4])
+def test_training_step_with_a_one_sample_procedure_does_not_crash(spatial):
+    stage = RoutedStage(block(), branches=3, in_channels=4, out_channels=4).train()
+    x = torch.randn(4, 4, spatial, spatial)
+    stage.router.memory.copy_(torch.stack([x[0].mean((1, 2)), x[1].mean((1, 2)), x[2].mean((1, 2)) + 100]))
+    y = stage(x)  # procedure 1 receives exactly one sample, with batch norm in training mode
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert stage.procedures[1][0].weight.grad is not None
+    assert stage.procedures[1].training  # back in training mode after its eval-mode step
+
+
+def test_a_lone_training_sample_uses_running_statistics():
+    stage = RoutedStage(block(), branches=1, in_channels=4, out_channels=4)
+    x = torch.randn(1, 4, 3, 3)
+    with torch.no_grad():
+        assert torch.equal(stage.train()(x), stage.eval()(x))

@@ -1,0 +1,53 @@
+"""Small models for CLI and error tests, importable as `tiny_models:FACTORY`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def tiny_cnn(num_classes: int = 10) -> nn.Module:
+    """A three-stage plain CNN: stem, stages at 16, 8 and 4 pixels for a 32x32 input."""
+    return nn.Sequential(
+        conv(3, 8, 2),
+        nn.Sequential(conv(8, 8), conv(8, 8)),
+        nn.Sequential(conv(8, 16, 2), conv(16, 16)),
+        nn.Sequential(conv(16, 32, 2), conv(32, 32)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def no_downsampling(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(conv(3, 8), conv(8, 8), conv(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+class DataDependent(nn.Module):
+    """Branches on tensor values in Python: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_cnn()
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = -x
+        return self.body(x)
+
+
+def untraceable(num_classes: int = 10) -> nn.Module:
+    return DataDependent()
+
+
+def fixed_size(num_classes: int = 10) -> nn.Module:
+    """Flattens a 32x32 map into a linear layer: any other input size is rejected."""
+    return nn.Sequential(tiny_cnn(32)[:4], nn.Flatten(), nn.Linear(32 * 4 * 4, num_classes))
+
+
+def not_a_module():
+    return torch.zeros(1)
