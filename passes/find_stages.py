@@ -73,6 +73,22 @@ class Stage:
         return self.out_layout.channels(self.out_shape)
 
 
+def suggest_stage_ranges(model: nn.Module) -> str | None:
+    """Two stages splitting the longest list of same-typed blocks in half, as a --stages
+    value: a starting point for networks without downsampling (plain ViTs)."""
+    best: tuple[str, list[str]] | None = None
+    for name, module in model.named_modules():
+        children = [child for child, _ in module.named_children()]
+        if len(children) >= 2 and len({type(m) for m in module.children()}) == 1:
+            if best is None or len(children) > len(best[1]):
+                best = (f"{name}." if name else "", children)
+    if best is None:
+        return None
+    prefix, names = best
+    half = len(names) // 2
+    return f"{prefix}{names[0]}:{prefix}{names[half - 1]},{prefix}{names[half]}:{prefix}{names[-1]}"
+
+
 def parse_stage_ranges(text: str | Sequence) -> list[ModuleRange]:
     """'a:b,c:d' (or a list of 'a:b' strings or pairs) -> [(a, b), (c, d)]; 'a' means 'a:a'."""
     items = [s for s in text.split(",") if s.strip()] if isinstance(text, str) else list(text)
@@ -175,10 +191,11 @@ def detect_stage_cuts(facts: _GraphFacts) -> list[tuple[int, int]]:
     """Apply the module docstring's rule; returns (entry cut index, exit cut index) per stage."""
     last_cut = len(facts.cuts) - 1
     first_drop = next((k for k in range(1, last_cut + 1) if facts.drops(k)), None)
+    example = suggest_stage_ranges(facts.gm) or "FIRST:LAST,..."
     if first_drop is None:
         raise NoDownsamplingError(
-            "the network never lowers its resolution, so it has no stages to find; "
-            "name them with --stages FIRST:LAST,... (module paths)"
+            f"the network never lowers its resolution, so it has no stages to find; "
+            f"name them by module paths, e.g. --stages {example}"
         )
     end = max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1)  # the head follows
     while end > first_drop and not facts.at_module_edge(end):
@@ -193,7 +210,7 @@ def detect_stage_cuts(facts: _GraphFacts) -> list[tuple[int, int]]:
         where = facts.cuts[stem].name
         raise NoDownsamplingError(
             f"found no downsampling after the stem (which ends at node '{where}'); "
-            "name the stages with --stages FIRST:LAST,... (module paths)"
+            f"name the stages by module paths, e.g. --stages {example}"
         )
     splits = [stem]
     for k in range(stem + 2, end + 1):

@@ -36,3 +36,58 @@ def flop_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]
 
 def flops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
     return flop_counts(model, x)[0] / x.shape[0]
+
+
+def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
+    """Point every router's memories at the keys of different samples of `x`.
+
+    Right after conversion all memories are zero and every sample takes procedure 0; this
+    spreads a batch over min(B, N) procedures, so that checks exercise the dispatch.
+    """
+    from .layout import LAYOUTS
+    from .routed_stage import RoutedStage
+
+    def hook(stage, args):
+        keys = LAYOUTS[stage.in_layout].pool(args[0]).detach()
+        stage.router.memory.copy_(keys[torch.arange(stage.branches) % keys.shape[0]])
+
+    handles = [m.register_forward_pre_hook(hook) for m in converted.modules() if isinstance(m, RoutedStage)]
+    try:
+        with torch.no_grad():
+            converted.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
+    """Function, FLOPs and parameters of a converted model against its base, on input `x`.
+
+    The anatomy predicts `expected_params` = parameters the base's forward uses (modules it
+    never calls, like Inception's auxiliary heads in eval mode, are not in the graph)
+    + (N - 1) * routed-stage parameters + attention parameters, and `expected_flops_per_sample`
+    = base FLOPs + attention FLOPs (its two linear layers); a conversion is exact when the
+    measured values equal them.
+    """
+    from .routed_stage import RoutedStage
+    from .tracing import trace
+
+    with torch.no_grad():
+        want, got = base.eval()(x), converted.eval()(x)
+    routed = [m for m in converted.modules() if isinstance(m, RoutedStage)]
+    attentions = [m.attention for m in routed if m.attention is not None]
+    extra_params = sum((m.branches - 1) * count_params(m.procedures[0]) for m in routed)
+    extra_params += sum(count_params(a) for a in attentions)
+    attention_flops = sum(2 * (a.squeeze.weight.numel() + a.excite.weight.numel()) for a in attentions)
+    batch = x.shape[0]
+    base_flops, converted_flops = flop_counts(base, x)[0] / batch, flop_counts(converted, x)[0] / batch
+    return {
+        "max_relative_error": ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item(),
+        "base_params": count_params(base),
+        "converted_params": count_params(converted),
+        "expected_params": count_params(trace(base)) + extra_params,
+        "base_flops_per_sample": base_flops,
+        "converted_flops_per_sample": converted_flops,
+        "expected_flops_per_sample": base_flops + attention_flops,
+        "flops_ratio": converted_flops / base_flops if base_flops else float("nan"),
+    }

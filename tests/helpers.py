@@ -6,29 +6,11 @@ import torch
 from torch import nn
 
 from rmn_fx import RoutedStage
-from rmn_fx.layout import LAYOUTS
+from rmn_fx.measure import spread_routes  # noqa: F401 - re-exported for tests
 
 
 def routed_stages(gm: nn.Module) -> list[RoutedStage]:
     return [m for m in gm.modules() if isinstance(m, RoutedStage)]
-
-
-def spread_memories(gm: nn.Module, x: torch.Tensor) -> None:
-    """Set each router's memories to the keys of the first samples of `x`, so that the batch
-    spreads over min(B, N) procedures (right after conversion all memories are zero)."""
-
-    def hook(stage, args):
-        keys = LAYOUTS[stage.in_layout].pool(args[0]).detach()
-        index = torch.arange(stage.branches) % keys.shape[0]
-        stage.router.memory.copy_(keys[index])
-
-    handles = [s.register_forward_pre_hook(hook) for s in routed_stages(gm)]
-    try:
-        with torch.no_grad():
-            gm.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def record_routes(gm: nn.Module) -> tuple[list[list[torch.Tensor]], list]:

@@ -10,7 +10,7 @@ from helpers import (
     max_relative_error,
     record_routes,
     routed_stages,
-    spread_memories,
+    spread_routes,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,7 +44,7 @@ def test_conversion_preserves_function_flops_and_parameter_anatomy(spec, branche
     with torch.no_grad():
         want = base(x)
         assert max_relative_error(want, gm(x)) <= 1e-5  # memories at zero: one procedure
-        spread_memories(gm, x)
+        spread_routes(gm, x)
         got = gm(x)
     assert max_relative_error(want, got) <= 1e-5  # every procedure used: still the same function
 
@@ -62,7 +62,7 @@ def test_conversion_preserves_function_flops_and_parameter_anatomy(spec, branche
 @given(backbones(), branch_counts, st.booleans())
 def test_eval_output_of_a_sample_does_not_depend_on_its_batch(spec, branches, attention):
     _, gm, x = convert(spec, branches, attention)
-    spread_memories(gm, x)
+    spread_routes(gm, x)
     with torch.no_grad():
         batched = gm(x)
         for i in range(x.shape[0]):
@@ -73,7 +73,7 @@ def test_eval_output_of_a_sample_does_not_depend_on_its_batch(spec, branches, at
 @given(backbones(), st.integers(4, 8), st.booleans())
 def test_backward_reaches_only_procedures_that_received_samples(spec, branches, attention):
     _, gm, x = convert(spec, branches, attention)
-    spread_memories(gm, x)
+    spread_routes(gm, x)
     x = x[:3]  # fewer samples than procedures: some procedures must stay idle
     routes, handles = record_routes(gm)
     gm.train()
@@ -93,7 +93,7 @@ def test_backward_reaches_only_procedures_that_received_samples(spec, branches, 
 @given(backbones(max_stages=3), branch_counts, st.booleans())
 def test_save_load_round_trip_gives_identical_outputs(tmp_path_factory, spec, branches, attention):
     _, gm, x = convert(spec, branches, attention)
-    spread_memories(gm, x)
+    spread_routes(gm, x)
     path = tmp_path_factory.mktemp("rt") / "model.pt"
     rmn_fx.save(gm, str(path))
     loaded = rmn_fx.load(str(path), model=spec.build())

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import spread_memories
+from helpers import spread_routes
 
 import rmn_fx
 from rmn_fx import serialization
@@ -18,7 +18,7 @@ from rmn_fx.errors import ModelFileError, OutputPathError
 def saved(tmp_path_factory):
     gm = rmn_fx.transform("resnet18", branches=3, input_size=(3, 64, 64))
     x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    spread_memories(gm, x)
+    spread_routes(gm, x)
     path = tmp_path_factory.mktemp("saved") / "r18.pt"
     rmn_fx.save(gm, str(path))
     return gm, x, path

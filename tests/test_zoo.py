@@ -1,0 +1,98 @@
+"""Real torchvision and timm models: conversion properties and stages against timm's oracle.
+
+The default run checks a few models of different designs; `pytest -m zoo` sweeps every
+torchvision classification model and the timm architectures of benchmarks/zoo.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+import rmn_fx
+from rmn_fx.errors import RMNError
+from rmn_fx.models import torchvision_names
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from zoo import TIMM_MODELS, check  # noqa: E402
+
+PAPER = {  # N = 8 with attention, 224x224, ImageNet classes (rmn-method.md)
+    "resnet18": 89.9e6,
+    "resnet50": 190.7e6,
+    "vgg16": 241.1e6,
+    "efficientnet_b0": 33.5e6,
+}
+QUICK_TORCHVISION = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5", "squeezenet1_1", "inception_v3"]
+QUICK_TIMM = ["convnext_atto", "regnetx_002", "swin_tiny_patch4_window7_224", "vit_tiny_patch16_224"]
+
+
+def assert_properties(row: dict) -> None:
+    assert row["status"] == "ok", row["error"]
+    assert row["max_relative_error"] <= 1e-5
+    assert row["converted_params"] == row["expected_params"]
+    assert row["converted_flops_per_sample"] == row["expected_flops_per_sample"]
+    if row["input"] >= 224:  # attention's cost does not shrink with the image, convolutions' does
+        assert row["flops_ratio"] < 1.01
+
+
+@pytest.mark.parametrize("name", QUICK_TORCHVISION)
+def test_torchvision_models(name):
+    assert_properties(check(f"torchvision:{name}", branches=2, sides=(64, 128, 224)))
+
+
+@pytest.mark.parametrize("name", QUICK_TIMM)
+def test_timm_models(name):
+    assert_properties(check(f"timm:{name}", branches=2, sides=None))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_parameter_counts_match_the_paper(name):
+    gm = rmn_fx.transform(name, branches=8, attention=True, verify=False)
+    ours = sum(p.numel() for p in gm.parameters())
+    assert abs(ours - PAPER[name]) / PAPER[name] < 0.005, f"{name}: {ours / 1e6:.2f}M vs paper {PAPER[name] / 1e6}M"
+
+
+def stage_reductions(name: str) -> tuple[list[tuple[int, str]], list]:
+    """timm's feature_info (reduction, module) beside the stages rmn-fx finds."""
+    model = timm.create_model(name)
+    size = model.pretrained_cfg["input_size"]
+    anatomy = rmn_fx.analyze(model, input_size=size)
+    return [(info["reduction"], info["module"]) for info in model.feature_info], anatomy
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto", "regnetx_002", "densenet121", "swin_tiny_patch4_window7_224"])
+def test_stages_agree_with_timm_feature_info(name):
+    """Every feature level timm lists past our stem ends one of our stages, at its reduction."""
+    info, anatomy = stage_reductions(name)
+    side = anatomy.input_size[-1]
+    stem_modules = anatomy.graph_module.meta["rmn_part_modules"]["stem"]
+    levels = [(r, m) for r, m in info if not any(m == s or m.startswith(s + ".") for s in stem_modules)]
+    ours = [side // _spatial_side(s) for s in anatomy.stages]
+    assert ours == [r for r, _ in levels]
+    for stage, (_, module) in zip(anatomy.stages, levels):
+        inside = any(module == m or module.startswith(m + ".") or m.startswith(module + ".") for m in stage.modules)
+        assert inside, f"{module} not in {stage.name} {stage.modules}"
+
+
+def _spatial_side(stage) -> int:
+    return int(round(stage.out_layout.resolution(stage.out_shape) ** 0.5))
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", torchvision_names())
+def test_every_torchvision_model(name):
+    assert_properties(check(f"torchvision:{name}", branches=2, sides=(64, 128, 224)))
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_zoo_converts_or_fails_clearly(name):
+    row = check(f"timm:{name}", branches=2, sides=None)
+    if row["status"] != "ok":  # a clear one-line error of the tracer or the stage analysis
+        assert row["status"] in {"TraceError", "StageError", "NoDownsamplingError", "InputSizeError"}
+        assert "\n" not in row["error"]
+        return
+    assert_properties(row)
