@@ -60,10 +60,15 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 class ShapePropagation(PassBase):
-    """Annotate shapes (`tensor_meta`), layouts and resolutions from one sample forward."""
+    """Annotate shapes (`tensor_meta`), layouts and resolutions from one sample forward.
+
+    Keeps the graph's output on the sample (`self.output`): the reference that a
+    conversion is verified against, at no extra forward pass.
+    """
 
     def __init__(self, sample: torch.Tensor) -> None:
         self.sample = sample
+        self.output = None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         was_training = graph_module.training
@@ -71,7 +76,7 @@ class ShapePropagation(PassBase):
         recorder = _ShapeRecorder(graph_module)
         try:
             with torch.no_grad():
-                recorder.run(self.sample)
+                self.output = recorder.run(self.sample)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             size = "x".join(map(str, self.sample.shape[1:]))

@@ -38,6 +38,11 @@ def flops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
     return flop_counts(model, x)[0] / x.shape[0]
 
 
+def relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
+    """max |want - got| / max |want|: the error measure of every function check."""
+    return ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
 def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
     """Point every router's memories at the keys of different samples of `x`.
 
@@ -82,7 +87,7 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
     batch = x.shape[0]
     base_flops, converted_flops = flop_counts(base, x)[0] / batch, flop_counts(converted, x)[0] / batch
     return {
-        "max_relative_error": ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item(),
+        "max_relative_error": relative_error(want, got),
         "base_params": count_params(base),
         "converted_params": count_params(converted),
         "expected_params": count_params(trace(base)) + extra_params,

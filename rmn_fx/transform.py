@@ -40,6 +40,7 @@ class Anatomy:
     stages: list[Stage]
     input_size: tuple[int, int, int]
     source: dict | None
+    sample_output: object = None  # the base model's output on sample_input(input_size)
 
     def parts(self) -> list[dict]:
         """One row per part: name, modules, shapes, parameters, share of FLOPs."""
@@ -100,8 +101,9 @@ def analyze(
     size = _check_input_size(input_size or default_input_size(base))
     ranges = parse_stage_ranges(stages) if stages is not None else None
     gm = trace(base)
-    gm, _ = PassManager([ShapePropagation(sample_input(size)), FindStages(ranges), OutlineParts()])(gm)
-    return Anatomy(gm, gm.meta["rmn_stages"], size, source)
+    shapes = ShapePropagation(sample_input(size))
+    gm, _ = PassManager([shapes, FindStages(ranges), OutlineParts()])(gm)
+    return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.output)
 
 
 def transform(
@@ -134,8 +136,6 @@ def transform(
         raise OptionError(f"routed stages must be indices in 1..{count}, got {routed!r}")
     gm = anatomy.graph_module
     was_training = gm.training
-    sample = sample_input(anatomy.input_size)
-    expected = _outputs(gm, sample) if verify else None
     gm, _ = PassManager([RouteStages(branches, attention, routed, momentum)])(gm)
     gm.meta["rmn_fx"] = {
         "source": anatomy.source,
@@ -148,7 +148,7 @@ def transform(
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
     }
     if verify:
-        _verify(expected, _outputs(gm, sample))
+        _verify(_tensors(anatomy.sample_output), _outputs(gm, sample_input(anatomy.input_size)))
     gm.train(was_training)
     return gm
 
@@ -156,7 +156,11 @@ def transform(
 @torch.no_grad()
 def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     model.eval()
-    leaves, _ = tree_flatten(model(x))
+    return _tensors(model(x))
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(output)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 

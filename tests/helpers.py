@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rmn_fx import RoutedStage
+from rmn_fx.measure import relative_error as max_relative_error  # noqa: F401 - re-exported for tests
 from rmn_fx.measure import spread_routes  # noqa: F401 - re-exported for tests
 
 
@@ -32,7 +33,3 @@ def attention_flops(channels: int, branches: int) -> int:
     """FLOPs per sample of Conditional Attention's two linear layers (2 per multiply-add)."""
     hidden = max(1, channels // 16)
     return 2 * (channels * hidden + (hidden + branches) * channels)
-
-
-def max_relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
-    return ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item()

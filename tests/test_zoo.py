@@ -31,7 +31,8 @@ QUICK_TIMM = ["convnext_atto", "regnetx_002", "swin_tiny_patch4_window7_224", "v
 
 def assert_properties(row: dict) -> None:
     assert row["status"] == "ok", row["error"]
-    assert row["max_relative_error"] <= 1e-5
+    assert row["max_relative_error"] <= 1e-5  # right after conversion
+    assert row["routed_relative_error"] <= 1e-5  # with the batch split over the procedures
     assert row["converted_params"] == row["expected_params"]
     assert row["converted_flops_per_sample"] == row["expected_flops_per_sample"]
     if row["input"] >= 224:  # attention's cost does not shrink with the image, convolutions' does

@@ -1,0 +1,93 @@
+"""Conversion time, FLOPs and CPU latency of RMN models against their base, in one run.
+
+For each model (N procedures, attention on, 224x224): time `rmn_fx.transform` on a built
+model; FLOPs per sample converted/base (FlopCounterMode); eval latency converted/base at
+batch 1 and batch 64, the median of repeated runs with the same threads, after warm-up.
+For batch 64 the memories are set to the keys of different samples, so that the batch is
+split over all N procedures (right after conversion every sample would take procedure 0).
+
+    python benchmarks/perf.py -o out/perf
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+import rmn_fx
+from rmn_fx.measure import flop_counts, spread_routes
+from rmn_fx.models import create_model
+
+
+def median_latency(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, branches: int, repeats: int, big_batch: int) -> dict:
+    base = create_model(name).eval()
+    start = time.perf_counter()
+    gm = rmn_fx.transform(base, branches=branches)
+    seconds = time.perf_counter() - start
+    gm.eval()
+    generator = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, 3, 224, 224, generator=generator)
+    xb = torch.randn(big_batch, 3, 224, 224, generator=generator)
+    spread_routes(gm, xb)
+    row = {"model": name, "branches": branches, "threads": torch.get_num_threads(), "convert_s": round(seconds, 3)}
+    row["flops_base"] = flop_counts(base, x1)[0]
+    row["flops_rmn"] = flop_counts(gm, x1)[0]
+    for batch, x in ((1, x1), (big_batch, xb)):
+        base_t = median_latency(base, x, repeats)
+        rmn_t = median_latency(gm, x, repeats)
+        row[f"latency_base_b{batch}_ms"] = round(1000 * base_t, 2)
+        row[f"latency_rmn_b{batch}_ms"] = round(1000 * rmn_t, 2)
+        row[f"latency_ratio_b{batch}"] = round(rmn_t / base_t, 3)
+    row["flops_ratio"] = round(row["flops_rmn"] / row["flops_base"], 4)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "efficientnet_b0"])
+    parser.add_argument("--branches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("-o", "--output", default="out/perf", help="Output prefix for .csv and .json.")
+    args = parser.parse_args()
+    rows = [measure(n, args.branches, args.repeats, args.batch) for n in tqdm(args.models, desc="models", disable=None)]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(args.output + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    b = args.batch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.branches}, attention on, 224x224")
+    print(f"| model | convert (s) | FLOPs/sample base -> RMN | FLOPs ratio | latency b1 base / RMN (ms) | ratio b1 | latency b{b} base / RMN (ms) | ratio b{b} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['convert_s']:.2f} | {r['flops_base'] / 1e9:.3f}G -> {r['flops_rmn'] / 1e9:.3f}G | {r['flops_ratio']:.4f} | "
+            f"{r['latency_base_b1_ms']:.1f} / {r['latency_rmn_b1_ms']:.1f} | {r['latency_ratio_b1']:.3f} | "
+            f"{r[f'latency_base_b{b}_ms']:.0f} / {r[f'latency_rmn_b{b}_ms']:.0f} | {r[f'latency_ratio_b{b}']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
