@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import rmn_fx
 from rmn_fx.measure import count_params, flop_counts
 
-PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 branch_counts = st.integers(1, 8)
 
 
