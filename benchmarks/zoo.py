@@ -21,13 +21,13 @@ import sys
 import time
 
 import torch
+from rmn_fx.passes.find_stages import suggest_stage_ranges
 from tqdm import tqdm
 
 import rmn_fx
 from rmn_fx.errors import InputSizeError, NoDownsamplingError, RMNError
-from rmn_fx.models import create_model, torchvision_names
-from rmn_fx.passes.find_stages import suggest_stage_ranges
 from rmn_fx.measure import compare, relative_error, spread_routes
+from rmn_fx.models import create_model, torchvision_names
 
 # One or more architectures per timm family, the smallest variant of each.
 TIMM_MODELS = [

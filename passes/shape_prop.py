@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from rmn_fx.errors import InputSizeError
+from rmn_fx.errors import InputSizeError, first_line
 from rmn_fx.layout import infer_layout
 
 from .infra import PassBase, PassResult
@@ -78,7 +78,7 @@ class ShapePropagation(PassBase):
             with torch.no_grad():
                 self.output = recorder.run(self.sample)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             size = "x".join(map(str, self.sample.shape[1:]))
             raise InputSizeError(
                 f"{type(graph_module).__name__} rejects a {size} input at node '{recorder.current}' "

@@ -91,7 +91,8 @@ def convert(model, input_size, stages, num_classes, weights, branches, attention
     Example:
       rmn-fx convert resnet50 --branches 4 -o model.pt
     """
-    from .serialization import check_writable, save
+    from .files import check_writable
+    from .serialization import save
     from .transform import transform
 
     check_writable(output)
@@ -130,14 +131,17 @@ def inspect(model, input_size, stages, num_classes, weights, as_json):
     click.echo(header)
     click.echo("-" * len(header))
     for row in rows:
-        shape = lambda s: "x".join(map(str, s)) if s else "-"
         modules = row["modules"]
         shown = ", ".join(modules if len(modules) <= 4 else modules[:2] + ["...", modules[-1]])
         click.echo(
-            f"{row['part']:<9} {shape(row['in_shape']):>16} {shape(row['out_shape']):>16} "
+            f"{row['part']:<9} {_shape(row['in_shape']):>16} {_shape(row['out_shape']):>16} "
             f"{row['params']:>12,} {row['flops_share']:>6.1%}  {shown}"
         )
     click.echo(f"as --stages: {anatomy.stage_ranges()}")
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "-"
 
 
 def main(argv=None) -> int:

@@ -47,3 +47,9 @@ class ModelFileError(RMNError):
 
 class OutputPathError(RMNError):
     """An output path cannot be written (missing or read-only directory)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type): the reason part of ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

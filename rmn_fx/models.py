@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import os
 import warnings
 from functools import cache
 
@@ -18,6 +17,7 @@ import torchvision
 from torch import nn
 
 from .errors import ModelNotFoundError, WeightsError
+from .files import read_torch_file
 
 TORCHVISION_INPUT_SIZE = (3, 224, 224)
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
@@ -85,13 +85,7 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state_dict from a local file: a bare one, or a checkpoint holding one."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file '{path}' does not exist; give the path of a saved state_dict")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read weights file '{path}' ({reason}); give a state_dict saved with torch.save") from exc
+    obj = read_torch_file(path, WeightsError, "weights file", "give a state_dict saved with torch.save")
     if isinstance(obj, dict):
         obj = next((obj[k] for k in CHECKPOINT_KEYS if isinstance(obj.get(k), dict)), obj)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

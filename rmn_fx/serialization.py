@@ -11,48 +11,17 @@ Writes are atomic: a temporary file in the target directory, renamed when comple
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ModelFileError, OutputPathError
+from .errors import ModelFileError
+from .files import atomic_write, read_torch_file
 from .transform import transform
 
 FORMAT = "rmn-fx"
 FORMAT_VERSION = 1
-
-
-def check_writable(path: str) -> None:
-    """Fail before any work if `path` cannot be written: probe its directory with a real file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise OutputPathError(f"output path '{path}' is a directory; give a file name such as model.pt")
-    if not os.path.isdir(directory):
-        raise OutputPathError(f"directory '{directory}' does not exist; create it or choose another output path")
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".rmn-fx-probe-"):
-            pass
-    except OSError as exc:
-        raise OutputPathError(f"cannot write to directory '{directory}' ({exc.strerror}); choose a writable output path") from exc
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, then rename it onto `path`; never leaves a partial file."""
-    check_writable(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(gm: fx.GraphModule, path: str) -> None:
@@ -71,13 +40,7 @@ def save(gm: fx.GraphModule, path: str) -> None:
 
 def read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config and state_dict of an rmn-fx file, or a ModelFileError saying what is wrong."""
-    if not os.path.isfile(path):
-        raise ModelFileError(f"model file '{path}' does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"'{path}' is not a readable model file (corrupt or truncated? {reason})") from exc
+    payload = read_torch_file(path, ModelFileError, "model file", "give a file written by rmn-fx convert or rmn_fx.save")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"'{path}' is not an rmn-fx model file; convert a model with `rmn-fx convert`")
     version = payload.get("format_version")

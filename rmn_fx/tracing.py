@@ -15,12 +15,11 @@ from __future__ import annotations
 import inspect
 import math
 
-import torch
 import torch.fx as fx
 import torchvision.ops
 from torch import nn
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 
 
 def _module_classes(namespace) -> set[type]:
@@ -88,7 +87,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except TraceError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         where = (
             f"module '{tracer.failed_module[0]}' ({tracer.failed_module[1]})"
             if tracer.failed_module

@@ -69,9 +69,9 @@ def damage(path, tmp_path, how):
 @pytest.mark.parametrize(
     "how, needle",
     [
-        ("truncated", "not a readable model file"),
-        ("corrupt", "not a readable model file"),
-        ("random", "not a readable model file"),
+        ("truncated", "cannot read model file"),
+        ("corrupt", "cannot read model file"),
+        ("random", "cannot read model file"),
         ("state_dict", "not an rmn-fx model file"),
         ("version", "format version 99"),
         ("config", "damaged"),

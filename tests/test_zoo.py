@@ -13,7 +13,6 @@ import pytest
 import timm
 
 import rmn_fx
-from rmn_fx.errors import RMNError
 from rmn_fx.models import torchvision_names
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
