@@ -25,7 +25,7 @@ from rmn_fx.passes.find_stages import suggest_stage_ranges
 from tqdm import tqdm
 
 import rmn_fx
-from rmn_fx.errors import InputSizeError, NoDownsamplingError, RMNError
+from rmn_fx.errors import InputSizeError, NoDownsamplingError, RMNError, first_line
 from rmn_fx.measure import compare, relative_error, spread_routes
 from rmn_fx.models import create_model, torchvision_names
 
@@ -73,6 +73,8 @@ def check(name: str, branches: int, sides) -> dict:
             row["routed_relative_error"] = relative_error(alone, gm(x))
     except RMNError as exc:
         row.update(status=type(exc).__name__, error=str(exc))
+    except Exception as exc:  # a bug (ours or the measurement's): recorded, and failing the sweep
+        row.update(status="crash", error=f"{type(exc).__name__}: {first_line(exc)}")
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -116,7 +118,7 @@ def main() -> None:
             )
         else:
             print(f"| {r['model']} | | | | | | | {r['status']}: {r['error']} |")
-    bad = [r for r in rows if r["status"] == "ok" and not (exact_row(r) and max_error(r) <= 1e-5)]
+    bad = [r for r in rows if r["status"] == "crash" or (r["status"] == "ok" and not (exact_row(r) and max_error(r) <= 1e-5))]
     sys.exit(1 if bad else 0)
 
 

@@ -114,6 +114,10 @@ class _GraphFacts:
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.cuts = main_path(graph_module.graph)
         self.spans, self.splittable = self._module_spans()
+        self._edges = [self._at_module_edge(k) for k in range(len(self.cuts))]
+        self._heavy = [False] + [
+            any(_owns_weight_matrix(graph_module, n) for n in self.segment(k)) for k in range(1, len(self.cuts))
+        ]
 
     def _module_spans(self):
         spans: dict[str, tuple[int, int]] = {}
@@ -141,7 +145,8 @@ class _GraphFacts:
         return before is not None and after is not None and after * DROP_FACTOR <= before
 
     def heavy(self, k: int) -> bool:
-        return any(_owns_weight_matrix(self.gm, n) for n in self.segment(k))
+        """Segment k owns a parameter of two or more dimensions."""
+        return self._heavy[k]
 
     def covered_modules(self, lo: int, hi: int) -> tuple[str, ...]:
         """Outermost modules whose nodes all lie at positions lo+1..hi."""
@@ -165,6 +170,9 @@ class _GraphFacts:
 
     def at_module_edge(self, k: int) -> bool:
         """No module other than a container has nodes on both sides of cut k."""
+        return self._edges[k]
+
+    def _at_module_edge(self, k: int) -> bool:
         p = self.pos[self.cuts[k]]
         return not any(
             first <= p < last for path, (first, last) in self.spans.items() if path not in self.splittable

@@ -16,9 +16,12 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@torch.no_grad()
 def flop_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """Total FLOPs of `model(x)` and FLOPs per module path (without the root's class prefix)."""
+    """Total FLOPs of `model(x)` and FLOPs per module path (without the root's class prefix).
+
+    Runs with autograd on: FlopCounterMode's module tracker fails under no_grad when a
+    parameter is passed straight into a submodule (timm's CaiT class-attention blocks).
+    """
     was_training = model.training
     model.eval()
     try:
