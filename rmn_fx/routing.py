@@ -77,6 +77,8 @@ def dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) ->
     and scattered back. Procedures that receive no sample are not run. One host sync
     (the sub-batch sizes) per stage.
     """
+    if x.shape[0] == 1:  # a single sample (deployment): no sorting, one sync
+        return run_procedure(procedures[int(route[0])], x)
     sizes = torch.bincount(route, minlength=len(procedures)).tolist()
     busiest = max(range(len(sizes)), key=sizes.__getitem__)
     if sizes[busiest] == x.shape[0]:  # one procedure takes the whole batch: no reordering
