@@ -9,6 +9,7 @@ convert is recorded with its one-line error. Writes CSV and JSON, prints a Markd
 
     python benchmarks/zoo.py --hub torchvision -o out/zoo_torchvision
     python benchmarks/zoo.py --hub timm -o out/zoo_timm
+    python benchmarks/zoo.py --hub timm --families -o out/zoo_families
 """
 
 from __future__ import annotations
@@ -43,6 +44,19 @@ TIMM_MODELS = [
     "hgnet_tiny", "starnet_s1", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
 ]
 SIDES = (64, 128, 224)  # torchvision models are checked at the smallest side they accept
+SMALL = ("tiny", "nano", "pico", "atto", "femto", "small", "_s", "xxs", "xs", "b0", "050", "18", "lite")
+
+
+def one_per_family() -> list[str]:
+    """One model per timm module, preferring names that mark a small variant."""
+    import timm
+
+    picks = []
+    for family in timm.list_modules():
+        names = timm.list_models(module=family)
+        if names:
+            picks.append(min(names, key=lambda n: (not any(t in n for t in SMALL), len(n))))
+    return picks
 
 
 def check(name: str, branches: int, sides) -> dict:
@@ -93,9 +107,15 @@ def main() -> None:
     parser.add_argument("--hub", choices=["torchvision", "timm"], required=True)
     parser.add_argument("--branches", type=int, default=2)
     parser.add_argument("--models", nargs="*", help="Only these models.")
+    parser.add_argument("--families", action="store_true", help="timm: one model per timm module instead of TIMM_MODELS.")
     parser.add_argument("-o", "--output", default="out/zoo", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
-    names = args.models or (list(torchvision_names()) if args.hub == "torchvision" else TIMM_MODELS)
+    if args.models:
+        names = args.models
+    elif args.hub == "torchvision":
+        names = list(torchvision_names())
+    else:
+        names = one_per_family() if args.families else TIMM_MODELS
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
     sides = SIDES if args.hub == "torchvision" else None
     rows = [check(prefix + n, args.branches, sides) for n in tqdm(names, desc=f"{args.hub} zoo", disable=None)]

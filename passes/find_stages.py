@@ -74,12 +74,13 @@ class Stage:
 
 
 def suggest_stage_ranges(model: nn.Module) -> str | None:
-    """Two stages splitting the longest list of same-typed blocks in half, as a --stages
-    value: a starting point for networks without downsampling (plain ViTs)."""
+    """Two stages splitting the longest list of same-typed blocks in half,
+    as a --stages value: a starting point for networks without downsampling (plain ViTs)."""
     best: tuple[str, list[str]] | None = None
     for name, module in model.named_modules():
         children = [child for child, _ in module.named_children()]
-        if len(children) >= 2 and len({type(m) for m in module.children()}) == 1:
+        blocks = list(module.children())
+        if len(blocks) >= 2 and len({type(m) for m in blocks}) == 1 and all(_is_block(b) for b in blocks):
             if best is None or len(children) > len(best[1]):
                 best = (f"{name}." if name else "", children)
     if best is None:
@@ -87,6 +88,11 @@ def suggest_stage_ranges(model: nn.Module) -> str | None:
     prefix, names = best
     half = len(names) // 2
     return f"{prefix}{names[0]}:{prefix}{names[half - 1]},{prefix}{names[half]}:{prefix}{names[-1]}"
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A module made of parameterised submodules (a residual or transformer block)."""
+    return any(any(True for _ in child.parameters()) for child in module.children())
 
 
 def parse_stage_ranges(text: str | Sequence) -> list[ModuleRange]:

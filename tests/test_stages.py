@@ -1,0 +1,77 @@
+"""The anatomy rule on real designs, and user-named stages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import timm
+import torchvision
+
+import rmn_fx
+from rmn_fx.errors import NoDownsamplingError, StageError
+
+
+def stages_of(model, size=64, stages=None):
+    anatomy = rmn_fx.analyze(model, stages=stages, input_size=(3, size, size))
+    return anatomy, [s.modules for s in anatomy.stages]
+
+
+def test_vgg_stem_is_the_first_conv_pair_and_pool():
+    anatomy, stages = stages_of(torchvision.models.vgg11())
+    assert anatomy.graph_module.meta["rmn_part_modules"]["stem"] == ("features.0", "features.1", "features.2")
+    assert len(stages) == 4 and stages[0][0] == "features.3"
+
+
+def test_efficientnet_last_stage_keeps_the_conv_head():
+    _, stages = stages_of(torchvision.models.efficientnet_b0())
+    assert stages[0] == ("features.1",) and stages[-1][-1] == "features.8" and len(stages) == 5
+
+
+def test_inception_valid_convs_are_not_downsampling():
+    anatomy, stages = stages_of(torchvision.models.inception_v3(init_weights=False, aux_logits=False), size=299)
+    assert [s.out_shape[-1] for s in anatomy.stages] == [147, 71, 35, 17, 8]
+    assert stages[2] == ("maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d")
+
+
+def test_swin_stages_are_channels_last():
+    anatomy, stages = stages_of(timm.create_model("swin_tiny_patch4_window7_224"), size=224)
+    assert stages[:3] == [("layers.0",), ("layers.1",), ("layers.2",)]
+    assert {s.in_layout.name for s in anatomy.stages} == {"NHWC"}
+
+
+def test_torchvision_convnext_downsample_is_not_split():
+    _, stages = stages_of(torchvision.models.convnext_tiny())
+    assert stages[1] == ("features.2", "features.3")
+
+
+def test_plain_vit_gets_an_error_with_stages_that_work():
+    model = timm.create_model("vit_tiny_patch16_224")
+    with pytest.raises(NoDownsamplingError) as error:
+        rmn_fx.analyze(model)
+    suggestion = re.search(r"--stages (\S+)", str(error.value)).group(1)
+    anatomy = rmn_fx.analyze(model, stages=suggestion)
+    assert [s.modules for s in anatomy.stages] == [tuple(f"blocks.{i}" for i in range(6)), tuple(f"blocks.{i}" for i in range(6, 12))]
+    assert anatomy.stages[0].in_layout.name == "NLC"
+
+
+@pytest.mark.parametrize(
+    "stages, needle",
+    [
+        ("layer1:layer9", "'layer9' does not exist in the model; did you mean layer4"),
+        ("layer1.0.conv1:layer1.0.conv2", "not on the main path"),
+        ("layer2:layer1", "backwards"),
+        ("layer1,layer1", "overlaps"),
+        (":", "cannot read stage range"),
+        ("", "no stage ranges given"),
+    ],
+)
+def test_named_stage_errors(stages, needle):
+    with pytest.raises(StageError, match=needle):
+        stages_of(torchvision.models.resnet18(), stages=stages)
+
+
+def test_named_stages_can_cover_part_of_a_network():
+    _, stages = stages_of(torchvision.models.resnet18(), stages=[("layer2", "layer3"), ("layer4", "layer4")])
+    assert stages == [("layer2", "layer3"), ("layer4",)]
+    assert stages_of(torchvision.models.resnet18(), stages="layer1:")[1] == [("layer1",)]  # A: means A:A
