@@ -137,7 +137,8 @@ def inspect(model, input_size, stages, num_classes, weights, as_json):
             f"{row['part']:<9} {_shape(row['in_shape']):>16} {_shape(row['out_shape']):>16} "
             f"{row['params']:>12,} {row['flops_share']:>6.1%}  {shown}"
         )
-    click.echo(f"as --stages: {anatomy.stage_ranges()}")
+    ranges = anatomy.stage_ranges()
+    click.echo(f"as --stages: {ranges}" if ranges else "(these stages hold function calls only; they cannot be written as --stages)")
 
 
 def _shape(shape) -> str:

@@ -64,9 +64,11 @@ class Anatomy:
             )
         return rows
 
-    def stage_ranges(self) -> str:
-        """The stages as a --stages argument (module ranges), where module edges allow it."""
-        return ",".join(f"{s.modules[0]}:{s.modules[-1]}" if s.modules else "?" for s in self.stages)
+    def stage_ranges(self) -> str | None:
+        """The stages as a --stages value, or None if a stage holds no whole module."""
+        if not all(s.modules for s in self.stages):
+            return None
+        return ",".join(f"{s.modules[0]}:{s.modules[-1]}" for s in self.stages)
 
 
 def part_order_of(gm: fx.GraphModule) -> list[str]:
