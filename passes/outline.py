@@ -83,6 +83,7 @@ class OutlineParts(PassBase):
         top.node_copy(output, env.__getitem__)
         outlined = fx.GraphModule(parts, top, class_name=type(graph_module).__name__)
         outlined.meta.update(graph_module.meta)
+        outlined.train(graph_module.training)  # a new Module starts in training mode
         return PassResult(outlined, True)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:

@@ -37,6 +37,11 @@ class RoutedStage(nn.Module):
         self.router = MemoryRouter(branches, in_channels, momentum)
         self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(branches - 1)])
         self.attention = ConditionalAttention(out_channels, branches, out_layout) if attention else None
+        like = next((p for p in procedure.parameters() if p.is_floating_point()), None)
+        if like is not None:  # router and attention live where the procedure does, in its dtype
+            self.router.to(like.device, like.dtype)
+            if self.attention is not None:
+                self.attention.to(like.device, like.dtype)
 
     @property
     def branches(self) -> int:

@@ -40,12 +40,12 @@ class Anatomy:
     stages: list[Stage]
     input_size: tuple[int, int, int]
     source: dict | None
-    sample_output: object = None  # the base model's output on sample_input(input_size)
+    sample: torch.Tensor  # the input of shape propagation, on the model's device and dtype
+    sample_output: object  # the base model's output on `sample`: the verification reference
 
     def parts(self) -> list[dict]:
         """One row per part: name, modules, shapes, parameters, share of FLOPs."""
-        sample = sample_input(self.input_size)
-        total, per_module = flop_counts(self.graph_module, sample)
+        total, per_module = flop_counts(self.graph_module, self.sample)
         stages = {s.name: s for s in self.stages}
         rows = []
         for name in part_order_of(self.graph_module):
@@ -103,9 +103,16 @@ def analyze(
     size = _check_input_size(input_size or default_input_size(base))
     ranges = parse_stage_ranges(stages) if stages is not None else None
     gm = trace(base)
-    shapes = ShapePropagation(sample_input(size))
+    shapes = ShapePropagation(_sample_for(base, size))
     gm, _ = PassManager([shapes, FindStages(ranges), OutlineParts()])(gm)
-    return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.output)
+    return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output)
+
+
+def _sample_for(model: nn.Module, size: tuple[int, int, int]) -> torch.Tensor:
+    """The sample input, on the device and in the floating dtype of the model's parameters."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    sample = sample_input(size)
+    return sample if param is None else sample.to(device=param.device, dtype=param.dtype)
 
 
 def transform(
@@ -150,7 +157,7 @@ def transform(
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
     }
     if verify:
-        _verify(_tensors(anatomy.sample_output), _outputs(gm, sample_input(anatomy.input_size)))
+        _verify(_tensors(anatomy.sample_output), _outputs(gm, anatomy.sample))
     gm.train(was_training)
     return gm
 

@@ -87,3 +87,20 @@ def test_installed_packages_do_not_claim_generic_names(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_double_precision_models_convert_in_their_dtype():
+    model = torchvision.models.resnet18().double().eval()
+    gm = rmn_fx.transform(model, branches=2, input_size=(3, 64, 64))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))
+    assert gm.stage_1.router.memory.dtype == gm.stage_1.attention.excite.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_converted_model_keeps_the_mode_of_the_original(training):
+    model = torchvision.models.resnet18().train(training)
+    gm = rmn_fx.transform(model, branches=2, input_size=(3, 64, 64))
+    assert all(m.training == training for m in gm.modules())
+    assert model.training == training
