@@ -27,6 +27,7 @@ from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 from .errors import ConversionError, OptionError, RMNError
 from .measure import count_params, flop_counts
 from .models import create_model, default_input_size
+from .routed_stage import RoutedStage
 from .tracing import trace
 
 VERIFY_RTOL = 1e-5
@@ -82,6 +83,8 @@ def _resolve(model: nn.Module | str, num_classes: int | None):
         raise OptionError(f"expected an nn.Module or a model name, got {type(model).__name__}")
     if num_classes is not None:
         raise OptionError("num_classes applies to model names only; build your model with the classes you need")
+    if any(isinstance(m, RoutedStage) for m in model.modules()):
+        raise OptionError("this model is already converted (it has RoutedStage modules); convert the original network")
     return copy.deepcopy(model), None
 
 

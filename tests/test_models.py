@@ -57,6 +57,12 @@ def test_api_rejects_bad_options(kwargs, needle):
         rmn_fx.transform(model, **({"input_size": (3, 64, 64)} | kwargs))
 
 
+def test_converting_a_converted_model_is_refused():
+    gm = rmn_fx.transform("resnet18", branches=2, input_size=(3, 64, 64))
+    with pytest.raises(OptionError, match="already converted"):
+        rmn_fx.transform(gm, branches=2, input_size=(3, 64, 64))
+
+
 def test_transform_leaves_the_users_model_untouched():
     model = torchvision.models.resnet18().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
