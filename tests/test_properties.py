@@ -71,17 +71,24 @@ def test_eval_output_of_a_sample_does_not_depend_on_its_batch(spec, branches, at
 
 @PROPERTY_SETTINGS
 @given(backbones(), st.integers(4, 8), st.booleans())
-def test_backward_reaches_only_procedures_that_received_samples(spec, branches, attention):
+def test_each_sample_runs_one_procedure_and_backward_reaches_only_those(spec, branches, attention):
     _, gm, x = convert(spec, branches, attention)
     spread_routes(gm, x)
     x = x[:3]  # fewer samples than procedures: some procedures must stay idle
     routes, handles = record_routes(gm)
+    ran: dict[int, int] = {}  # samples each procedure ran on, by id(procedure)
+    for stage in routed_stages(gm):
+        for p in stage.procedures:
+            handles.append(p.register_forward_pre_hook(lambda m, a: ran.__setitem__(id(m), ran.get(id(m), 0) + a[0].shape[0])))
     gm.train()
     gm(x).square().sum().backward()
     for h in handles:
         h.remove()
     for stage, stage_routes in zip(routed_stages(gm), routes):
-        used = set(torch.cat(stage_routes).tolist())
+        route = torch.cat(stage_routes)
+        counts = [ran.get(id(p), 0) for p in stage.procedures]
+        assert counts == torch.bincount(route, minlength=branches).tolist()  # one procedure per sample
+        used = set(route.tolist())
         assert len(used) < branches
         for j, procedure in enumerate(stage.procedures):
             reached = any(p.grad is not None for p in procedure.parameters())
