@@ -37,10 +37,6 @@ def flop_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]
     return counter.get_total_flops(), per_module
 
 
-def flops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
-    return flop_counts(model, x)[0] / x.shape[0]
-
-
 def relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
     """max |want - got| / max |want|: the error measure of every function check."""
     return ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item()
