@@ -49,13 +49,13 @@ def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
     spreads a batch over min(B, N) procedures, so that checks exercise the dispatch.
     """
     from .layout import LAYOUTS
-    from .routed_stage import RoutedStage
+    from .routed_stage import routed_stages
 
     def hook(stage, args):
         keys = LAYOUTS[stage.in_layout].pool(args[0]).detach()
         stage.router.memory.copy_(keys[torch.arange(stage.branches) % keys.shape[0]])
 
-    handles = [m.register_forward_pre_hook(hook) for m in converted.modules() if isinstance(m, RoutedStage)]
+    handles = [m.register_forward_pre_hook(hook) for m in routed_stages(converted)]
     try:
         with torch.no_grad():
             converted.eval()(x)
@@ -73,12 +73,12 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
     = base FLOPs + attention FLOPs (its two linear layers); a conversion is exact when the
     measured values equal them.
     """
-    from .routed_stage import RoutedStage
+    from .routed_stage import routed_stages
     from .tracing import trace
 
     with torch.no_grad():
         want, got = base.eval()(x), converted.eval()(x)
-    routed = [m for m in converted.modules() if isinstance(m, RoutedStage)]
+    routed = routed_stages(converted)
     attentions = [m.attention for m in routed if m.attention is not None]
     extra_params = sum((m.branches - 1) * count_params(m.procedures[0]) for m in routed)
     extra_params += sum(count_params(a) for a in attentions)

@@ -53,3 +53,8 @@ class RoutedStage(nn.Module):
         if self.attention is not None:
             y = self.attention(y, route)
         return y
+
+
+def routed_stages(model: nn.Module) -> list[RoutedStage]:
+    """The RoutedStage modules of a converted model, in forward order."""
+    return [m for m in model.modules() if isinstance(m, RoutedStage)]

@@ -5,13 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rmn_fx import RoutedStage
 from rmn_fx.measure import relative_error as max_relative_error  # noqa: F401 - re-exported for tests
 from rmn_fx.measure import spread_routes  # noqa: F401 - re-exported for tests
-
-
-def routed_stages(gm: nn.Module) -> list[RoutedStage]:
-    return [m for m in gm.modules() if isinstance(m, RoutedStage)]
+from rmn_fx.routed_stage import routed_stages
 
 
 def record_routes(gm: nn.Module) -> tuple[list[list[torch.Tensor]], list]:

@@ -1,0 +1,76 @@
+"""Step 3 of the RMN schedule: memory initialisation by Euclidean k-means.
+
+The model runs over the training data in eval mode; for every routed stage the keys
+(global average of the stage input) of all samples are collected, and k-means with
+k = N gives the memories. Large sets use MiniBatchKMeans or a sample cap; the seed is
+fixed so that the same data gives the same memories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from torch import nn
+from tqdm import tqdm
+
+from rmn_fx.errors import RMNError
+from rmn_fx.layout import LAYOUTS
+from rmn_fx.routed_stage import routed_stages
+
+
+class MemoryInitError(RMNError):
+    """k-means cannot give N memories (fewer distinct samples than procedures)."""
+
+
+@torch.no_grad()
+def collect_keys(model: nn.Module, batches: Iterable, max_samples: int | None = None) -> list[torch.Tensor]:
+    """Keys [samples, C] of every routed stage, over `batches` of images (or (images, ...))."""
+    stages = routed_stages(model)
+    keys: list[list[torch.Tensor]] = [[] for _ in stages]
+    handles = [
+        stage.register_forward_pre_hook(
+            lambda m, args, i=i: keys[i].append(LAYOUTS[m.in_layout].pool(args[0]).float().cpu())
+        )
+        for i, stage in enumerate(stages)
+    ]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in tqdm(batches, desc="memory keys", disable=None, leave=False):
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(images)
+            seen += images.shape[0]
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [torch.cat(k)[:max_samples] if k else torch.empty(0) for k in keys]
+
+
+def kmeans_centres(keys: torch.Tensor, k: int, seed: int = 0, minibatch: bool = False) -> torch.Tensor:
+    """Euclidean k-means centres of `keys` [n, C], as float32 [k, C]."""
+    data = keys.double().numpy()
+    distinct = len(np.unique(data, axis=0))
+    if distinct < k:
+        raise MemoryInitError(
+            f"k-means needs at least {k} distinct samples for {k} procedures, got {distinct}; "
+            "use more data or fewer branches"
+        )
+    algorithm = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3) if minibatch else KMeans(n_clusters=k, random_state=seed, n_init=4)
+    return torch.from_numpy(algorithm.fit(data).cluster_centers_).float()
+
+
+def init_memories(
+    model: nn.Module, batches: Iterable, seed: int = 0, max_samples: int | None = None, minibatch: bool = False
+) -> None:
+    """Set every router's memories to the k-means centres of its stage's keys."""
+    stages = routed_stages(model)
+    for stage, keys in zip(stages, collect_keys(model, batches, max_samples)):
+        centres = kmeans_centres(keys, stage.branches, seed, minibatch)
+        stage.router.memory.copy_(centres.to(stage.router.memory))
