@@ -78,11 +78,11 @@ def suggest_stage_ranges(model: nn.Module) -> str | None:
     as a --stages value: a starting point for networks without downsampling (plain ViTs)."""
     best: tuple[str, list[str]] | None = None
     for name, module in model.named_modules():
-        children = [child for child, _ in module.named_children()]
-        blocks = list(module.children())
-        if len(blocks) >= 2 and len({type(m) for m in blocks}) == 1 and all(_is_block(b) for b in blocks):
-            if best is None or len(children) > len(best[1]):
-                best = (f"{name}." if name else "", children)
+        children = dict(module.named_children())
+        blocks = list(children.values())
+        if len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and all(_is_block(b) for b in blocks):
+            if best is None or len(blocks) > len(best[1]):
+                best = (f"{name}." if name else "", list(children))
     if best is None:
         return None
     prefix, names = best

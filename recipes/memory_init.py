@@ -17,7 +17,6 @@ from torch import nn
 from tqdm import tqdm
 
 from rmn_fx.errors import RMNError
-from rmn_fx.layout import LAYOUTS
 from rmn_fx.routed_stage import routed_stages
 
 
@@ -32,7 +31,7 @@ def collect_keys(model: nn.Module, batches: Iterable, max_samples: int | None = 
     keys: list[list[torch.Tensor]] = [[] for _ in stages]
     handles = [
         stage.register_forward_pre_hook(
-            lambda m, args, i=i: keys[i].append(LAYOUTS[m.in_layout].pool(args[0]).float().cpu())
+            lambda m, args, i=i: keys[i].append(m.key(args[0]).float().cpu())
         )
         for i, stage in enumerate(stages)
     ]

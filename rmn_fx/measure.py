@@ -38,7 +38,9 @@ def flop_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]
 
 
 def relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
-    """max |want - got| / max |want|: the error measure of every function check."""
+    """max |want - got| / max |want|: the error measure of every function check (in float64,
+    so integer and half-precision outputs compare too)."""
+    want, got = want.double(), got.double()
     return ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
@@ -48,11 +50,10 @@ def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
     Right after conversion all memories are zero and every sample takes procedure 0; this
     spreads a batch over min(B, N) procedures, so that checks exercise the dispatch.
     """
-    from .layout import LAYOUTS
     from .routed_stage import routed_stages
 
     def hook(stage, args):
-        keys = LAYOUTS[stage.in_layout].pool(args[0]).detach()
+        keys = stage.key(args[0]).detach()
         stage.router.memory.copy_(keys[torch.arange(stage.branches) % keys.shape[0]])
 
     handles = [m.register_forward_pre_hook(hook) for m in routed_stages(converted)]

@@ -47,8 +47,12 @@ class RoutedStage(nn.Module):
     def branches(self) -> int:
         return len(self.procedures)
 
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        """The routing key of each sample: the global average of the stage input, [B, C]."""
+        return LAYOUTS[self.in_layout].pool(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = self.router(LAYOUTS[self.in_layout].pool(x))
+        route = self.router(self.key(x))
         y = dispatch(x, route, self.procedures)
         if self.attention is not None:
             y = self.attention(y, route)

@@ -25,9 +25,9 @@ from rmn_fx.passes.route import RouteStages
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
 from .errors import ConversionError, OptionError, RMNError
-from .measure import count_params, flop_counts
+from .measure import count_params, flop_counts, relative_error
 from .models import create_model, default_input_size
-from .routed_stage import RoutedStage
+from .routed_stage import routed_stages
 from .tracing import trace
 
 VERIFY_RTOL = 1e-5
@@ -83,7 +83,7 @@ def _resolve(model: nn.Module | str, num_classes: int | None):
         raise OptionError(f"expected an nn.Module or a model name, got {type(model).__name__}")
     if num_classes is not None:
         raise OptionError("num_classes applies to model names only; build your model with the classes you need")
-    if any(isinstance(m, RoutedStage) for m in model.modules()):
+    if routed_stages(model):
         raise OptionError("this model is already converted (it has RoutedStage modules); convert the original network")
     return copy.deepcopy(model), None
 
@@ -180,11 +180,10 @@ def _verify(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
     if len(expected) != len(actual):
         raise ConversionError("the converted model returns a different number of tensors than the original")
     for want, got in zip(expected, actual):
-        scale = want.abs().max().item() if want.numel() else 0.0
-        error = (want - got).abs().max().item() if want.numel() else 0.0
-        if want.shape != got.shape or error > VERIFY_RTOL * max(scale, 1e-12):
+        error = relative_error(want, got) if want.shape == got.shape and want.numel() else 0.0
+        if want.shape != got.shape or error > VERIFY_RTOL:
             raise ConversionError(
-                f"the converted model differs from the original on the sample input (max error {error:.3g}); please report this model"
+                f"the converted model differs from the original on the sample input (relative error {error:.3g}); please report this model"
             )
 
 
