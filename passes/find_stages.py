@@ -30,8 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from rmn_fx.errors import NoDownsamplingError, StageError
 from rmn_fx.layout import FeatureLayout
@@ -111,7 +110,7 @@ def parse_stage_ranges(text: str | Sequence) -> list[ModuleRange]:
     return ranges
 
 
-class _GraphFacts:
+class GraphFacts:
     """What the stage rules need to know about a shape-annotated graph, indexed by position."""
 
     def __init__(self, graph_module: fx.GraphModule) -> None:
@@ -201,7 +200,7 @@ def _get_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
-def detect_stage_cuts(facts: _GraphFacts) -> list[tuple[int, int]]:
+def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
     """Apply the module docstring's rule; returns (entry cut index, exit cut index) per stage."""
     last_cut = len(facts.cuts) - 1
     first_drop = next((k for k in range(1, last_cut + 1) if facts.drops(k)), None)
@@ -247,7 +246,7 @@ def detect_stage_cuts(facts: _GraphFacts) -> list[tuple[int, int]]:
     return stages  # a trailing level without weights is left to the head
 
 
-def named_stage_cuts(facts: _GraphFacts, ranges: Sequence[ModuleRange]) -> list[tuple[int, int]]:
+def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[tuple[int, int]]:
     """Cut indices of user-named module ranges, with one-line errors for every way to get it wrong."""
     cut_index = {facts.pos[c]: k for k, c in enumerate(facts.cuts)}
     known = [name for name, _ in facts.gm.named_modules() if name]
@@ -283,7 +282,16 @@ def named_stage_cuts(facts: _GraphFacts, ranges: Sequence[ModuleRange]) -> list[
     return stages
 
 
-def _stage_from_cuts(facts: _GraphFacts, index: int, a: int, b: int) -> Stage:
+def planned_stage_cuts(facts: GraphFacts, plan: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:
+    """Cut indices of stages given as (entry, exit) node names."""
+    cut_of = {c.name: k for k, c in enumerate(facts.cuts)}
+    missing = [name for pair in plan for name in pair if name not in cut_of]
+    if missing:
+        raise StageError(f"the stage boundary '{missing[0]}' is no longer on the main path after the rewrite")
+    return [(cut_of[entry], cut_of[exit_]) for entry, exit_ in plan]
+
+
+def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int) -> Stage:
     entry, exit_ = facts.cuts[a], facts.cuts[b]
     members = facts.nodes[facts.pos[entry] + 1 : facts.pos[exit_] + 1]
     inside = set(members)
@@ -329,18 +337,24 @@ def _stage_from_cuts(facts: _GraphFacts, index: int, a: int, b: int) -> Stage:
 
 
 class FindStages(PassBase):
-    """Annotate stem / stages / head; `ranges` names the stages by module paths instead."""
+    """Annotate stem / stages / head; `ranges` names the stages by module paths instead,
+    `plan` by (entry, exit) node names found earlier (before a rewrite that keeps names)."""
 
-    def __init__(self, ranges: Sequence[ModuleRange] | None = None) -> None:
-        self.ranges = ranges
+    def __init__(self, ranges: Sequence[ModuleRange] | None = None, plan: Sequence[tuple[str, str]] | None = None) -> None:
+        self.ranges, self.plan = ranges, plan
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes):
             raise RuntimeError("FindStages needs ShapePropagation first")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        facts = _GraphFacts(graph_module)
-        cut_ranges = named_stage_cuts(facts, self.ranges) if self.ranges else detect_stage_cuts(facts)
+        facts = GraphFacts(graph_module)
+        if self.plan:
+            cut_ranges = planned_stage_cuts(facts, self.plan)
+        elif self.ranges:
+            cut_ranges = named_stage_cuts(facts, self.ranges)
+        else:
+            cut_ranges = detect_stage_cuts(facts)
         stages = [_stage_from_cuts(facts, i + 1, a, b) for i, (a, b) in enumerate(cut_ranges)]
         first_entry = facts.pos[facts.cuts[cut_ranges[0][0]]]
         last_exit = facts.pos[facts.cuts[cut_ranges[-1][1]]]

@@ -12,7 +12,7 @@ import abc
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-import torch.fx as fx
+from torch import fx
 
 
 class PassResult(NamedTuple):
@@ -32,10 +32,10 @@ class PassBase(abc.ABC):
     @abc.abstractmethod
     def call(self, graph_module: fx.GraphModule) -> PassResult: ...
 
-    def requires(self, graph_module: fx.GraphModule) -> None:  # noqa: B027 - optional hook
+    def requires(self, graph_module: fx.GraphModule) -> None:
         """Raise if `graph_module` lacks what this pass needs."""
 
-    def ensures(self, graph_module: fx.GraphModule) -> None:  # noqa: B027 - optional hook
+    def ensures(self, graph_module: fx.GraphModule) -> None:
         """Raise if this pass did not leave `graph_module` as promised."""
 
 

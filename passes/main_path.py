@@ -11,7 +11,7 @@ Needs `ShapePropagation` first.
 from __future__ import annotations
 
 import networkx as nx
-import torch.fx as fx
+from torch import fx
 
 from rmn_fx.errors import StageError
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import operator
 
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from .infra import PassBase, PassResult
 

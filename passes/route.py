@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.fx as fx
+from torch import fx
 
 from rmn_fx.routed_stage import RoutedStage
 

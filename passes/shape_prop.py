@@ -9,7 +9,7 @@ and `meta["rmn_resolution"]` (spatial positions per sample). No mutation of the 
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 

@@ -19,24 +19,31 @@ def _copy_state(value):
 
 
 @torch.no_grad()
+def copy_procedure(source: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Copy parameters, buffers and per-parameter optimizer state of `source` into
+    `target` (same architecture). Returns the number of parameter tensors copied."""
+    source_params = dict(source.named_parameters())
+    source_buffers = dict(source.named_buffers())
+    copied = 0
+    for name, param in target.named_parameters():
+        param.copy_(source_params[name])
+        if optimizer is not None:
+            state = optimizer.state.get(source_params[name])
+            if state:
+                optimizer.state[param] = {k: _copy_state(v) for k, v in state.items()}
+            else:
+                optimizer.state.pop(param, None)
+        copied += 1
+    for name, buffer in target.named_buffers():
+        buffer.copy_(source_buffers[name])
+    return copied
+
+
 def clone_procedures(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Copy procedure 0 of every routed stage (parameters, buffers, optimizer state) into
     its other procedures. Returns the number of parameter tensors cloned."""
-    cloned = 0
-    for stage in routed_stages(model):
-        source = stage.procedures[0]
-        source_params = dict(source.named_parameters())
-        source_buffers = dict(source.named_buffers())
-        for target in stage.procedures[1:]:
-            for name, param in target.named_parameters():
-                param.copy_(source_params[name])
-                if optimizer is not None:
-                    state = optimizer.state.get(source_params[name])
-                    if state:
-                        optimizer.state[param] = {k: _copy_state(v) for k, v in state.items()}
-                    else:
-                        optimizer.state.pop(param, None)
-                cloned += 1
-            for name, buffer in target.named_buffers():
-                buffer.copy_(source_buffers[name])
-    return cloned
+    return sum(
+        copy_procedure(stage.procedures[0], target, optimizer)
+        for stage in routed_stages(model)
+        for target in stage.procedures[1:]
+    )

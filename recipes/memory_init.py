@@ -19,6 +19,8 @@ from tqdm import tqdm
 from rmn_fx.errors import RMNError
 from rmn_fx.routed_stage import routed_stages
 
+from .distributed import Group
+
 
 class MemoryInitError(RMNError):
     """k-means cannot give N memories (fewer distinct samples than procedures)."""
@@ -65,11 +67,24 @@ def kmeans_centres(keys: torch.Tensor, k: int, seed: int = 0, minibatch: bool = 
     return torch.from_numpy(algorithm.fit(data).cluster_centers_).float()
 
 
+@torch.no_grad()
 def init_memories(
-    model: nn.Module, batches: Iterable, seed: int = 0, max_samples: int | None = None, minibatch: bool = False
+    model: nn.Module,
+    batches: Iterable,
+    seed: int = 0,
+    max_samples: int | None = None,
+    minibatch: bool = False,
+    group: Group | None = None,
 ) -> None:
-    """Set every router's memories to the k-means centres of its stage's keys."""
+    """Set every router's memories to the k-means centres of its stage's keys.
+
+    Data-parallel (`group`): each rank collects the keys of its share, rank 0 runs k-means
+    over all of them, and the centres are broadcast, so every rank holds the same memories."""
+    group = group or Group()
     stages = routed_stages(model)
-    for stage, keys in zip(stages, collect_keys(model, batches, max_samples)):
-        centres = kmeans_centres(keys, stage.branches, seed, minibatch)
-        stage.router.memory.copy_(centres.to(stage.router.memory))
+    per_rank = group.gather(collect_keys(model, batches, max_samples))
+    for i, stage in enumerate(stages):
+        if group.is_main:
+            keys = torch.cat([rank_keys[i] for rank_keys in per_rank])[:max_samples]
+            stage.router.memory.copy_(kmeans_centres(keys, stage.branches, seed, minibatch).to(stage.router.memory))
+        group.broadcast(stage.router.memory)

@@ -31,8 +31,12 @@ class ConditionalAttention(nn.Module):
         return f"branches={self.branches}, layout={self.layout}"
 
     def forward(self, y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        return self.gate(y, F.one_hot(route, self.branches))
+
+    def gate(self, y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """Gate `y` given a route code [B, N] (one-hot, or its mean during stem training)."""
         layout = LAYOUTS[self.layout]
         squeezed = F.relu(self.squeeze(layout.pool(y)))
-        code = F.one_hot(route, self.branches).to(squeezed.dtype)
-        gate = 2.0 * torch.sigmoid(self.excite(torch.cat([squeezed, code], dim=1)))
-        return y * layout.broadcast(gate, y.dim())
+        code = code.to(squeezed.dtype)
+        scale = 2.0 * torch.sigmoid(self.excite(torch.cat([squeezed, code], dim=1)))
+        return y * layout.broadcast(scale, y.dim())

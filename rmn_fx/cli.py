@@ -1,4 +1,5 @@
-"""The `rmn-fx` command line: convert a model, or inspect the stages rmn-fx finds in it.
+"""The `rmn-fx` command line: convert a model, inspect its stages; train, eval and report
+(the recipes, in cli_train.py).
 
 Bad input ends with one line on stderr, `rmn-fx: error: ...`, and exit code 2.
 """
@@ -10,7 +11,8 @@ import sys
 
 import click
 
-from .errors import RMNError
+from . import cli_train
+from .errors import RMNError, TrainingInterrupted
 from .measure import count_params
 
 
@@ -141,6 +143,11 @@ def inspect(model, input_size, stages, num_classes, weights, as_json):
     click.echo(f"as --stages: {ranges}" if ranges else "(these stages hold function calls only; they cannot be written as --stages)")
 
 
+cli.add_command(cli_train.train)
+cli.add_command(cli_train.evaluate)
+cli.add_command(cli_train.report)
+
+
 def _shape(shape) -> str:
     return "x".join(map(str, shape)) if shape else "-"
 
@@ -154,6 +161,9 @@ def main(argv=None) -> int:
     except (click.UsageError, click.BadParameter) as exc:
         click.echo(f"rmn-fx: error: {exc.format_message()} (see rmn-fx --help)", err=True)
         return 2
+    except TrainingInterrupted as exc:
+        click.echo(f"rmn-fx: {exc}", err=True)
+        return 130
     except RMNError as exc:
         click.echo(f"rmn-fx: error: {exc}", err=True)
         return 2

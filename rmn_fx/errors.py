@@ -49,6 +49,10 @@ class OutputPathError(RMNError):
     """An output path cannot be written (missing or read-only directory)."""
 
 
+class TrainingInterrupted(RMNError):
+    """Training stopped on Ctrl-C after saving a checkpoint (not a failure: resume it)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type): the reason part of ours."""
     text = str(exc).strip()

@@ -19,6 +19,12 @@ class RoutedStage(nn.Module):
     procedure its key is routed to; Conditional Attention (if on) gates the result.
     Right after construction all procedures equal `procedure` and the attention is the
     identity, so the stage computes what `procedure` computes.
+
+    `stem_phase` (step 1 of the recipe): every sample runs through procedure 0, memories
+    stay put, and the attention sees a uniformly random route in training (its mean, the
+    uniform code, in eval mode, so that evaluation is deterministic).
+    `every_procedure` (data-parallel SyncBN): every procedure runs on every step, on an
+    empty sub-batch if need be, so that collective layers inside run on all ranks.
     """
 
     def __init__(
@@ -34,6 +40,8 @@ class RoutedStage(nn.Module):
     ) -> None:
         super().__init__()
         self.in_layout = in_layout
+        self.stem_phase = False
+        self.every_procedure = False
         self.router = MemoryRouter(branches, in_channels, momentum)
         self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(branches - 1)])
         self.attention = ConditionalAttention(out_channels, branches, out_layout) if attention else None
@@ -52,11 +60,23 @@ class RoutedStage(nn.Module):
         return LAYOUTS[self.in_layout].pool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem_phase:
+            return self._stem_forward(x)
         route = self.router(self.key(x))
-        y = dispatch(x, route, self.procedures)
+        y = dispatch(x, route, self.procedures, self.every_procedure)
         if self.attention is not None:
             y = self.attention(y, route)
         return y
+
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.procedures[0](x)
+        if self.attention is None:
+            return y
+        if self.training:
+            route = torch.randint(self.branches, (x.shape[0],), device=x.device)
+            return self.attention(y, route)
+        uniform = torch.full((x.shape[0], self.branches), 1.0 / self.branches, device=x.device)
+        return self.attention.gate(y, uniform)
 
 
 def routed_stages(model: nn.Module) -> list[RoutedStage]:

@@ -8,6 +8,8 @@ average. In eval mode nothing changes, so a sample's route never depends on its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -17,6 +19,9 @@ class MemoryRouter(nn.Module):
 
     Buffers: `memory` [N, C] (the keys' moving averages), `samples` [N] (how many training
     samples each procedure has received, for load reports and dead-procedure detection).
+    `reducer`, if set, sums a tensor over all data-parallel ranks in place (an all-reduce):
+    the per-procedure key sums and counts are reduced before the update, so every rank
+    keeps identical memories.
     Memories start at zero, so every sample takes procedure 0 until they are initialised
     (k-means over training keys, step 3 of the recipe).
     """
@@ -28,6 +33,9 @@ class MemoryRouter(nn.Module):
         self.branches, self.key_dim, self.momentum = branches, key_dim, momentum
         self.register_buffer("memory", torch.zeros(branches, key_dim))
         self.register_buffer("samples", torch.zeros(branches, dtype=torch.long))
+        self.reducer: Callable[[torch.Tensor], None] | None = None
+        self.last_keys: torch.Tensor | None = None  # the latest training batch, for revival
+        self.last_routes: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, key_dim={self.key_dim}, momentum={self.momentum}"
@@ -38,6 +46,7 @@ class MemoryRouter(nn.Module):
         distances = (key.unsqueeze(1) - self.memory.unsqueeze(0)).square().sum(-1)
         route = distances.argmin(dim=1)
         if self.training:
+            self.last_keys, self.last_routes = key, route
             self.update(key, route)
         return route
 
@@ -46,15 +55,13 @@ class MemoryRouter(nn.Module):
         """m_j <- a * m_j + (1 - a) * mean(keys routed to j), for every j that got a sample."""
         sums = torch.zeros_like(self.memory).index_add_(0, route, key)
         counts = torch.bincount(route, minlength=self.branches)
-        sums, counts = self.reduce_statistics(sums, counts)
+        if self.reducer is not None:  # data-parallel: every rank applies the global statistics
+            self.reducer(sums)
+            self.reducer(counts)
         hit = counts > 0
         means = sums[hit] / counts[hit].unsqueeze(1).to(sums.dtype)
         self.memory[hit] = self.momentum * self.memory[hit] + (1.0 - self.momentum) * means
         self.samples += counts
-
-    def reduce_statistics(self, sums: torch.Tensor, counts: torch.Tensor):
-        """Hook for data-parallel training: sum the statistics of all ranks (identity here)."""
-        return sums, counts
 
 
 def run_procedure(procedure: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -70,13 +77,21 @@ def run_procedure(procedure: nn.Module, x: torch.Tensor) -> torch.Tensor:
         procedure.train()
 
 
-def dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) -> torch.Tensor:
+def dispatch(
+    x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList, every_procedure: bool = False
+) -> torch.Tensor:
     """Run each sample of `x` through `procedures[route[i]]` only, and keep the batch order.
 
     Samples are sorted by route, split into one contiguous sub-batch per procedure, run,
-    and scattered back. Procedures that receive no sample are not run. One host sync
-    (the sub-batch sizes) per stage.
+    and scattered back. Procedures that receive no sample are not run, unless
+    `every_procedure` (then all run, in training mode, empty sub-batches included: what
+    collective layers such as SyncBatchNorm need). One host sync (the sub-batch sizes).
     """
+    if every_procedure:
+        order = torch.argsort(route, stable=True)
+        sizes = torch.bincount(route, minlength=len(procedures)).tolist()
+        ordered = torch.cat([proc(chunk) for proc, chunk in zip(procedures, x.index_select(0, order).split(sizes))])
+        return torch.empty_like(ordered).index_copy_(0, order, ordered)
     if x.shape[0] == 1:  # a single sample (deployment): no sorting, one sync
         return run_procedure(procedures[int(route[0])], x)
     sizes = torch.bincount(route, minlength=len(procedures)).tolist()

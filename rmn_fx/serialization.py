@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from .errors import ModelFileError
 from .files import atomic_write, read_torch_file
@@ -71,6 +70,7 @@ def load(path: str, model: nn.Module | None = None, map_location: str | torch.de
         routed=config["routed"],
         input_size=config["input_size"],
         momentum=config["momentum"],
+        remove_downsamplings=config.get("remove_downsamplings", 0),
         num_classes=None if model is not None else source.get("num_classes"),
         verify=False,
     )

@@ -15,9 +15,8 @@ from __future__ import annotations
 import inspect
 import math
 
-import torch.fx as fx
 import torchvision.ops
-from torch import nn
+from torch import fx, nn
 
 from .errors import TraceError, first_line
 

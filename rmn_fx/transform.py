@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from rmn_fx.passes.find_stages import FindStages, Stage, parse_stage_ranges
 from rmn_fx.passes.infra import PassManager
 from rmn_fx.passes.outline import OutlineParts
+from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
 from rmn_fx.passes.route import RouteStages
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
@@ -100,15 +100,39 @@ def analyze(
     stages: str | Sequence | None = None,
     input_size: Sequence[int] | None = None,
     num_classes: int | None = None,
+    remove_downsamplings: int = 0,
 ) -> Anatomy:
-    """Find the stem, stages and head of `model` (an nn.Module or a model name)."""
+    """Find the stem, stages and head of `model` (an nn.Module or a model name).
+
+    remove_downsamplings: make the first k resolution drops keep the resolution first
+    (the paper's small-image variant); the anatomy is that of the rewritten network.
+    """
     base, source = _resolve(model, num_classes)
     size = _check_input_size(input_size or default_input_size(base))
     ranges = parse_stage_ranges(stages) if stages is not None else None
+    if isinstance(remove_downsamplings, bool) or not isinstance(remove_downsamplings, int) or remove_downsamplings < 0:
+        raise OptionError(f"remove_downsamplings must be an integer >= 0, got {remove_downsamplings!r}")
     gm = trace(base)
+    if remove_downsamplings:  # find the anatomy first, where the original network has room for it
+        gm = _remove_downsamplings(gm, base, size, ranges, remove_downsamplings)
+        ranges = None
     shapes = ShapePropagation(_sample_for(base, size))
-    gm, _ = PassManager([shapes, FindStages(ranges), OutlineParts()])(gm)
+    plan = gm.meta.pop("rmn_stage_plan", None)
+    gm, _ = PassManager([shapes, FindStages(ranges, plan)])(gm)
+    check_removed(gm)
+    gm, _ = PassManager([OutlineParts()])(gm)
     return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output)
+
+
+def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, count: int) -> fx.GraphModule:
+    """Find the stages on the original network at 2^count times the side (where its maps
+    have the sizes the rewritten network's have at `size`), then rewrite; the stage plan
+    travels on `gm.meta["rmn_stage_plan"]`."""
+    channels, height, width = size
+    detect = ShapePropagation(_sample_for(base, (channels, height << count, width << count)))
+    gm, _ = PassManager([detect, FindStages(ranges), RemoveDownsampling(count)])(gm)
+    gm.meta["rmn_stage_plan"] = [(s.entry, s.exit) for s in gm.meta.pop("rmn_stages")]
+    return gm
 
 
 def _sample_for(model: nn.Module, size: tuple[int, int, int]) -> torch.Tensor:
@@ -127,6 +151,7 @@ def transform(
     input_size: Sequence[int] | None = None,
     momentum: float = 0.9,
     num_classes: int | None = None,
+    remove_downsamplings: int = 0,
     verify: bool = True,
 ) -> fx.GraphModule:
     """Convert `model` into an RMN GraphModule with `branches` procedures per routed stage.
@@ -135,13 +160,14 @@ def transform(
     stages:     module-path ranges "a:b,c:d" instead of automatic detection.
     routed:     1-based indices of the stages to route (default: all).
     input_size: C,H,W of the sample used for shape propagation (default: the model's own).
+    remove_downsamplings: remove the first k downsamplings first (small images, see analyze).
     verify:     check on the sample that the result computes the original function.
     """
     if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
         raise OptionError(f"branches must be an integer >= 1, got {branches!r}")
     if not 0.0 <= momentum < 1.0:
         raise OptionError(f"momentum must lie in [0, 1), got {momentum!r}")
-    anatomy = analyze(model, stages, input_size, num_classes)
+    anatomy = analyze(model, stages, input_size, num_classes, remove_downsamplings)
     count = len(anatomy.stages)
     routed = list(range(1, count + 1)) if routed is None else sorted(set(routed))
     if not routed or not all(isinstance(i, int) and 1 <= i <= count for i in routed):
@@ -156,6 +182,7 @@ def transform(
         "attention": attention,
         "routed": routed,
         "momentum": momentum,
+        "remove_downsamplings": remove_downsamplings,
         "stages": None if stages is None else [list(r) for r in parse_stage_ranges(stages)],
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
     }
@@ -187,4 +214,4 @@ def _verify(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
             )
 
 
-__all__ = ["Anatomy", "analyze", "transform", "RMNError"]
+__all__ = ["Anatomy", "RMNError", "analyze", "transform"]

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rmn_fx.recipes import (
+    MemoryInitError,
+    clone_procedures,
+    collect_keys,
+    init_memories,
+)
 from sklearn.cluster import KMeans
 
 import rmn_fx
 from rmn_fx.measure import spread_routes
-from rmn_fx.recipes import MemoryInitError, clone_procedures, collect_keys, init_memories
 from rmn_fx.routed_stage import routed_stages
 
 

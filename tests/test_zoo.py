@@ -17,7 +17,7 @@ import rmn_fx
 from rmn_fx.models import torchvision_names
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from zoo import TIMM_MODELS, check  # noqa: E402
+from zoo import TIMM_MODELS, check
 
 PAPER = {  # N = 8 with attention, 224x224, ImageNet classes (rmn-method.md)
     "resnet18": 89.9e6,

@@ -23,6 +23,17 @@ def tiny_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
+def tiny_gn(num_classes: int = 10) -> nn.Module:
+    """tiny_cnn with GroupNorm: no batch statistics, so data-parallel and single-process
+    training compute the same steps."""
+    model = tiny_cnn(num_classes)
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.GroupNorm(4, child.num_features))
+    return model
+
+
 def no_downsampling(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(conv(3, 8), conv(8, 8), conv(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 

@@ -1,0 +1,128 @@
+"""`rmn-fx report`: PNG plots and a summary table of a run directory.
+
+    report/curves.png  train and test loss and accuracy per epoch, stem and routed phases shaded
+    report/load.png    per stage: share of training samples per procedure over the epochs
+    report/routes.png  per stage: test samples by procedure and class (final model)
+    report/summary.md  the per-epoch table and the final routing statistics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+
+from rmn_fx.files import atomic_write
+
+from .run import RunError, run_paths
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_report(run_dir: str) -> tuple[str, list[str]]:
+    """Write the report files; returns the summary text and the file names written."""
+    paths = run_paths(run_dir)
+    if not os.path.isfile(paths["metrics"]):
+        raise RunError(f"'{run_dir}' has no metrics.jsonl; give the -o folder of a `rmn-fx train` run that finished an epoch")
+    history = _read_jsonl(paths["metrics"])
+    evaluation = None
+    if os.path.isfile(paths["evaluation"]):
+        with open(paths["evaluation"]) as f:
+            evaluation = json.load(f)
+    out = os.path.join(run_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    written = [_save(out, "curves.png", plot_curves(history))]
+    if any("stages" in row for row in history):
+        written.append(_save(out, "load.png", plot_load(history)))
+    if evaluation and evaluation["routes_by_class"]:
+        written.append(_save(out, "routes.png", plot_routes(evaluation)))
+    summary = summary_table(history, evaluation)
+    write_text(os.path.join(out, "summary.md"), summary)
+    written.append("summary.md")
+    return summary, written
+
+
+def _save(folder: str, name: str, figure) -> str:
+    atomic_write(os.path.join(folder, name), lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(figure)
+    return name
+
+
+def _shade_phases(ax, history: list[dict]) -> None:
+    routed = [row["epoch"] for row in history if row["phase"] == "routed"]
+    if routed:
+        ax.axvspan(min(routed) - 0.5, max(routed) + 0.5, color="tab:green", alpha=0.08, label="routed phase")
+
+
+def plot_curves(history: list[dict]):
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "top-1 accuracy")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        ax.plot(epochs, [row[f"test_{key}"] for row in history], "s-", label="test")
+        _shade_phases(ax, history)
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    loss_ax.set_yscale("log")
+    figure.suptitle("stem phase (white), routed phase (green)")
+    return figure
+
+
+def plot_load(history: list[dict]):
+    routed = [row for row in history if "stages" in row]
+    stages = len(routed[0]["stages"])
+    figure, axes = plt.subplots(1, stages, figsize=(4 * stages, 3.6), squeeze=False, sharey=True)
+    epochs = [row["epoch"] for row in routed]
+    for i, ax in enumerate(axes[0]):
+        counts = np.array([row["stages"][i]["train_samples_per_procedure"] for row in routed], dtype=float)
+        shares = counts / counts.sum(1, keepdims=True).clip(min=1)
+        ax.stackplot(epochs, shares.T, labels=[f"P{j}" for j in range(shares.shape[1])])
+        ax.set(title=f"stage {i + 1}", xlabel="epoch", ylim=(0, 1))
+        if i == 0:
+            ax.set_ylabel("share of training samples")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize="small", title="procedure")
+    figure.suptitle("procedure load per stage (a band that vanishes is a dead procedure)")
+    return figure
+
+
+def plot_routes(evaluation: dict):
+    tables = [np.array(t, dtype=float) for t in evaluation["routes_by_class"]]
+    classes = evaluation["classes"]
+    figure, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables) + 1, 3.6), squeeze=False)
+    for i, (ax, table) in enumerate(zip(axes[0], tables)):
+        shares = table / table.sum(0, keepdims=True).clip(min=1)  # per class: where its samples went
+        image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set(title=f"stage {i + 1}  NMI {evaluation['stages'][i]['nmi_class']:.2f}", xlabel="class", ylabel="procedure")
+        if len(classes) <= 20:
+            ax.set_xticks(range(len(classes)), classes, fontsize="small")
+        ax.set_yticks(range(table.shape[0]))
+    figure.colorbar(image, ax=axes[0].tolist(), label="share of the class's test samples")
+    return figure
+
+
+def summary_table(history: list[dict], evaluation: dict | None) -> str:
+    lines = ["| epoch | phase | lr | train loss | train acc | test loss | test acc | dead | revived |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in history:
+        lines.append(
+            f"| {row['epoch']} | {row['phase']} | {row['lr']:.3g} | {row['train_loss']:.4f} | {row['train_accuracy']:.4f} "
+            f"| {row['test_loss']:.4f} | {row['test_accuracy']:.4f} | {row.get('dead_procedures', '-')} | {row.get('revived_procedures', '-')} |"
+        )
+    if evaluation:
+        lines += ["", f"final test accuracy {evaluation['accuracy']:.4f} on {evaluation['samples']} images", ""]
+        context = any("nmi_context" in s for s in evaluation["stages"])
+        lines += ["| stage | unused | balance | NMI class | purity class |" + (" NMI context |" if context else ""), "|---|---|---|---|---|" + ("---|" if context else "")]
+        for s in evaluation["stages"]:
+            lines.append(
+                f"| {s['stage']} | {s['unused_procedures']} | {s['entropy']:.3f} | {s['nmi_class']:.3f} | {s['purity_class']:.3f} |"
+                + (f" {s['nmi_context']:.3f} |" if context else "")
+            )
+    return "\n".join(lines) + "\n"

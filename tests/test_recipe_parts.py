@@ -1,0 +1,176 @@
+"""The parts of the recipe: stem phase, LR curve, dead-procedure revival, batches, data,
+and the small-image pass (on generated backbones and real ones)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backbones import backbones
+from helpers import record_routes
+from hypothesis import given, settings
+from rmn_fx.recipes import DeadProcedureMonitor, WarmupCosine, load_data, set_phase
+from rmn_fx.recipes.batches import EpochBatches
+from rmn_fx.recipes.data import CONTEXTS, render_digits
+from rmn_fx.recipes.distributed import Group
+
+import rmn_fx
+from rmn_fx.errors import StageError
+from rmn_fx.routed_stage import routed_stages
+
+
+def converted(branches=4, attention=True):
+    torch.manual_seed(0)
+    return rmn_fx.transform("resnet18", branches=branches, attention=attention, num_classes=4, input_size=(3, 32, 32))
+
+
+def test_stem_phase_runs_procedure_zero_only_and_leaves_memories():
+    gm = converted().train()
+    for stage in routed_stages(gm):
+        stage.router.memory.normal_()  # memories that would spread the batch
+    before = [s.router.memory.clone() for s in routed_stages(gm)]
+    set_phase(gm, "stem")
+    calls = []
+    for stage in routed_stages(gm):
+        for j, proc in enumerate(stage.procedures):
+            proc.register_forward_hook(lambda m, a, o, j=j: calls.append((j, a[0].shape[0])))
+    gm(torch.randn(6, 3, 32, 32))
+    assert calls == [(0, 6)] * len(routed_stages(gm))
+    assert all(torch.equal(a, s.router.memory) for a, s in zip(before, routed_stages(gm)))
+
+
+def test_stem_phase_attention_sees_random_routes_in_training_and_their_mean_in_eval():
+    gm = converted()
+    set_phase(gm, "stem")
+    for stage in routed_stages(gm):
+        torch.nn.init.normal_(stage.attention.excite.weight)  # an attention that reads the code
+    x = torch.randn(4, 3, 32, 32)
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), gm(x))  # eval: the uniform code, deterministic
+        gm.train()
+        torch.manual_seed(1)
+        a = gm(x)
+        torch.manual_seed(2)
+        assert not torch.allclose(a, gm(x))
+
+
+def test_lr_curve_warms_up_linearly_then_decays_by_cosine():
+    curve = WarmupCosine(peak=0.48, total_steps=100, warmup_steps=10, start=1e-5, floor=1e-5)
+    assert curve(0) == pytest.approx(1e-5) and curve(5) == pytest.approx((0.48 + 1e-5) / 2)
+    assert curve(10) == pytest.approx(0.48) and curve(55) == pytest.approx((0.48 + 1e-5) / 2)
+    assert curve(100) == pytest.approx(1e-5)
+    values = [curve(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("revive", [True, False])
+def test_a_procedure_without_samples_for_the_window_is_dead_and_revived(revive):
+    gm = converted(branches=3, attention=False).train()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+    stage = routed_stages(gm)[0]
+    stage.router.memory[:2] = torch.randn(2, stage.router.key_dim) * 0.01
+    stage.router.memory[2] = 1e6  # procedure 2 is out of reach of every key
+    monitor = DeadProcedureMonitor(gm, window=3, revive=revive)
+    revived = []
+    for _ in range(5):  # 3 steps to be dead, then one revival per stage and step
+        optimizer.zero_grad()
+        gm(torch.randn(8, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        revived += monitor.after_step(optimizer)
+        if (0, 2) in revived:
+            break
+    if revive:
+        assert (0, 2) in revived and stage.router.memory[2].abs().max() < 1e3
+        busiest = int(stage.router.last_routes.bincount().argmax())
+        for a, b in zip(stage.procedures[2].parameters(), stage.procedures[busiest].parameters()):
+            assert torch.equal(a, b)
+        routes, handles = record_routes(gm)
+        gm(torch.randn(64, 3, 32, 32))
+        assert (routes[0][0] == 2).any()  # it receives samples again
+    else:
+        assert 2 in monitor.dead()[0] and stage.router.memory[2].min() == 1e6
+
+
+def test_epoch_batches_split_each_global_batch_over_ranks_and_resume_anywhere():
+    single = list(EpochBatches(100, 16, seed=3, epoch=2, group=Group()))
+    ranks = [list(EpochBatches(100, 16, 3, 2, Group(r, 4))) for r in range(4)]
+    assert len(single) == 6 and all(len(b) == 16 for b in single)
+    assert [sum((r[i] for r in ranks), []) for i in range(6)] == single
+    assert list(EpochBatches(100, 16, 3, 2, Group(), start=4)) == single[4:]
+    assert single != list(EpochBatches(100, 16, 3, 3, Group()))
+
+
+def test_embedded_digits_split_by_digit_in_every_context():
+    data = load_data("digits")
+    assert data.classes == [str(c) for c in range(10)] and data.context_names == CONTEXTS
+    assert len(data.train) + len(data.test) == 4 * 1797
+    assert data.test_contexts.bincount().tolist() == [len(data.test) // 4] * 4
+    train_plain = {bytes(img.numpy()) for img in data.train.base.images[: len(data.train) // 4]}
+    test_plain = {bytes(img.numpy()) for img in data.test.base.images[: len(data.test) // 4]}
+    assert not train_plain & test_plain  # no digit on both sides of the split
+    images, _, _ = render_digits()
+    assert torch.equal(images, render_digits()[0])  # fixed, not redrawn per call
+    first = [data.train[i][0] for i in range(10)]
+    assert all(torch.equal(a, data.train[i][0]) for i, a in enumerate(first))  # augmentation: (seed, epoch, index)
+    data.train.epoch = 1
+    assert not all(torch.equal(a, data.train[i][0]) for i, a in enumerate(first))
+
+
+def test_cifar_and_image_folders_load_from_local_files(tmp_path, monkeypatch):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        batch = {"data": torch.randint(0, 255, (4, 3072), generator=rng, dtype=torch.uint8).numpy(), "labels": [0, 1, 2, 3]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b", "c", "d"]}))
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)  # fake files, other checksums
+    data = load_data(f"cifar10:{folder}")
+    assert len(data.train) == 20 and len(data.test) == 4 and data.train[0][0].shape == (3, 32, 32)
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "imgs" / split / cls / "x.png")
+    data = load_data(f"imagefolder:{tmp_path / 'imgs'}", image_size=24)
+    assert data.classes == ["cat", "dog"] and data.train[0][0].shape == (3, 24, 24)
+
+
+@settings(max_examples=15, deadline=None)
+@given(backbones())
+def test_removing_downsamplings_keeps_the_stages_and_their_resolution(spec):
+    """Every generated stem downsamples; removing that drop doubles every stage's map side."""
+    model = spec.build()
+    size = (3, spec.input_side, spec.input_side)
+    plain = rmn_fx.transform(model, branches=2, input_size=size)
+    small = rmn_fx.transform(model, branches=2, input_size=size, remove_downsamplings=1)
+    assert small.meta["rmn_fx"]["stage_plan"] == plain.meta["rmn_fx"]["stage_plan"]
+    for a, b in zip(plain.meta["rmn_stages"], small.meta["rmn_stages"]):
+        assert b.in_shape[2:] == tuple(2 * s for s in a.in_shape[2:])
+        assert b.out_shape[2:] == tuple(2 * s for s in a.out_shape[2:])
+    assert small(torch.randn(2, *size)).shape == plain(torch.randn(2, *size)).shape
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vgg11", "timm:resnet26d", "mobilenet_v3_small"])
+def test_small_image_variant_of_real_models_matches_the_paper_rule(name, tmp_path):
+    plain = rmn_fx.transform(name, branches=2, num_classes=10)
+    small = rmn_fx.transform(name, branches=2, num_classes=10, input_size=(3, 32, 32), remove_downsamplings=2)
+    assert small.meta["rmn_fx"]["stage_plan"] == plain.meta["rmn_fx"]["stage_plan"]
+    # the last stage works at 32 / (224 / 4) of the 224 model's map side times 4
+    side = plain.meta["rmn_stages"][-1].out_shape[-1] * 32 * 4 // 224
+    assert small.meta["rmn_stages"][-1].out_shape[-1] == side
+    rmn_fx.save(small, str(tmp_path / "m.pt"))
+    again = rmn_fx.load(str(tmp_path / "m.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(small.eval()(x), again(x))
+
+
+def test_patchify_stems_cannot_lose_their_downsampling():
+    with pytest.raises(StageError, match="shrink the map"):
+        rmn_fx.transform("timm:convnext_atto", branches=2, input_size=(3, 32, 32), remove_downsamplings=1)
