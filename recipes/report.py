@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from rmn_fx.files import atomic_write
+from rmn_fx.files import atomic_write, write_text
 
 from .run import RunError, run_paths
 
