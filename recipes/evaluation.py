@@ -11,7 +11,7 @@ from .data import DataError, load_data
 from .distributed import Group
 from .loop import evaluate
 from .run import pick_device
-from .statistics import stage_routing
+from .statistics import routing_summary
 
 
 def evaluate_file(path: str, data_spec: str, batch_size: int = 256, device: str = "auto") -> dict:
@@ -31,7 +31,5 @@ def evaluate_file(path: str, data_spec: str, batch_size: int = 256, device: str 
         **summary,
         "model_file": path,
         "data": data_spec,
-        "stages": stage_routing(counts),
-        "routes_by_class": [c.by_class.tolist() for c in counts],
-        "routes_by_context": [c.by_context.tolist() for c in counts if c.by_context is not None],
+        **routing_summary(counts),
     }

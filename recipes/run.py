@@ -49,7 +49,7 @@ from .loop import (
 from .memory_init import init_memories
 from .monitor import DeadProcedureMonitor, load_balance
 from .schedule import WarmupCosine
-from .statistics import stage_routing
+from .statistics import routing_summary, stage_routing
 
 CHECKPOINT_FORMAT = "rmn-fx-run"
 CHECKPOINT_VERSION = 1
@@ -374,9 +374,7 @@ class Trainer:
             **summary,
             "classes": self.classes,
             "contexts": list(self.data.context_names),
-            "stages": stage_routing(counts),
-            "routes_by_class": [c.by_class.tolist() for c in counts],
-            "routes_by_context": [c.by_context.tolist() for c in counts if c.by_context is not None],
+            **routing_summary(counts),
             "params": count_params(self.model),
         }
         if self.group.is_main:

@@ -52,3 +52,12 @@ def stage_routing(counts: list[RouteCounts]) -> list[dict]:
             row["purity_context"] = purity(stage.by_context)
         rows.append(row)
     return rows
+
+
+def routing_summary(counts: list[RouteCounts]) -> dict:
+    """The per-stage rows and the raw contingency tables, as written to evaluation files."""
+    return {
+        "stages": stage_routing(counts),
+        "routes_by_class": [c.by_class.tolist() for c in counts],
+        "routes_by_context": [c.by_context.tolist() for c in counts if c.by_context is not None],
+    }

@@ -87,19 +87,17 @@ def dispatch(
     `every_procedure` (then all run, in training mode, empty sub-batches included: what
     collective layers such as SyncBatchNorm need). One host sync (the sub-batch sizes).
     """
-    if every_procedure:
-        order = torch.argsort(route, stable=True)
-        sizes = torch.bincount(route, minlength=len(procedures)).tolist()
-        ordered = torch.cat([proc(chunk) for proc, chunk in zip(procedures, x.index_select(0, order).split(sizes))])
-        return torch.empty_like(ordered).index_copy_(0, order, ordered)
-    if x.shape[0] == 1:  # a single sample (deployment): no sorting, one sync
+    if x.shape[0] == 1 and not every_procedure:  # a single sample (deployment): no sorting, one sync
         return run_procedure(procedures[int(route[0])], x)
     sizes = torch.bincount(route, minlength=len(procedures)).tolist()
     busiest = max(range(len(sizes)), key=sizes.__getitem__)
-    if sizes[busiest] == x.shape[0]:  # one procedure takes the whole batch: no reordering
+    if sizes[busiest] == x.shape[0] and not every_procedure:  # one procedure takes the whole batch
         return run_procedure(procedures[busiest], x)
     order = torch.argsort(route, stable=True)
     chunks = x.index_select(0, order).split(sizes)
-    outputs = [run_procedure(proc, chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
+    if every_procedure:  # collectives inside: every rank runs every procedure, in training mode
+        outputs = [proc(chunk) for proc, chunk in zip(procedures, chunks)]
+    else:
+        outputs = [run_procedure(proc, chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
     ordered = torch.cat(outputs)
     return torch.empty_like(ordered).index_copy_(0, order, ordered)

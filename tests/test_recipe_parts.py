@@ -174,3 +174,17 @@ def test_small_image_variant_of_real_models_matches_the_paper_rule(name, tmp_pat
 def test_patchify_stems_cannot_lose_their_downsampling():
     with pytest.raises(StageError, match="shrink the map"):
         rmn_fx.transform("timm:convnext_atto", branches=2, input_size=(3, 32, 32), remove_downsamplings=1)
+
+
+def test_every_procedure_dispatch_runs_idle_procedures_on_empty_batches_with_the_same_result():
+    from rmn_fx.routing import dispatch
+
+    torch.manual_seed(0)
+    procedures = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, 1) for _ in range(3))
+    x, route = torch.randn(5, 3, 4, 4), torch.tensor([2, 0, 2, 0, 0])
+    sizes = []
+    for proc in procedures:
+        proc.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[0]))
+    together = dispatch(x, route, procedures, every_procedure=True)
+    assert sizes == [3, 0, 2]
+    assert torch.equal(together, dispatch(x, route, procedures))
