@@ -22,7 +22,6 @@ import os
 import statistics
 import tempfile
 
-import torch
 from rmn_fx.recipes.presets import resolve
 from rmn_fx.recipes.run import Trainer
 
@@ -105,7 +104,6 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("-o", "--output", default="out/recipe", help="prefix of the .json and .csv files")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for seed in args.seeds:

@@ -87,7 +87,7 @@ def check(name: str, branches: int, sides) -> dict:
             row["routed_relative_error"] = relative_error(alone, gm(x))
     except RMNError as exc:
         row.update(status=type(exc).__name__, error=str(exc))
-    except Exception as exc:  # a bug (ours or the measurement's): recorded, and failing the sweep
+    except Exception as exc:  # noqa: BLE001 -- a bug (ours or the measurement's): recorded, and failing the sweep
         row.update(status="crash", error=f"{type(exc).__name__}: {first_line(exc)}")
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
@@ -126,7 +126,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list({k: None for r in rows for k in r}))
         writer.writeheader()
         writer.writerows(rows)
-    print("| model | input | stages | params base -> N=%d | params & FLOPs exact | FLOPs ratio | max rel. error | result |" % args.branches)
+    print(f"| model | input | stages | params base -> N={args.branches} | params & FLOPs exact | FLOPs ratio | max rel. error | result |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["status"] == "ok":

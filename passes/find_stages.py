@@ -26,6 +26,7 @@ node gets `meta["rmn_part"]`: "stem", "stage_<i>" or "head".
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -236,7 +237,7 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
                 splits.append(b)
     splits.append(end)
     stages, start = [], None
-    for a, b in zip(splits, splits[1:]):
+    for a, b in itertools.pairwise(splits):
         if b <= a:
             continue
         start = a if start is None else start

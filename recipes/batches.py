@@ -9,6 +9,8 @@ per sample by `data.Augmented`, so the images are identical too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -44,7 +46,7 @@ class ShardBatches(Sampler[list[int]]):
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+        return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self):
         for i in range(0, len(self.indices), self.batch_size):

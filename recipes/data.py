@@ -1,8 +1,9 @@
 """Datasets without downloads: the embedded digits task, CIFAR from a local folder, ImageFolder.
 
 `load_data("digits" | "cifar10:PATH" | "cifar100:PATH" | "imagefolder:PATH", image_size)`
-gives a `DataSplits`. Augmentation is seeded by (seed, epoch, sample index), so an epoch's
-batches are the same however it is split over ranks, workers or a resume.
+gives a `DataSplits`; an ImageFolder tree may be Tiny ImageNet's, with its annotated val/.
+Augmentation is seeded by (seed, epoch, sample index), so an epoch's batches are the same
+however it is split over ranks, workers or a resume.
 
 The embedded default is built from scikit-learn's 8x8 digits (1,797 images, shipped with
 the package): each digit is rendered at 32x32 RGB in four visual contexts that the model is
@@ -192,7 +193,11 @@ def cifar(kind: str, path: str, image_size: int = 32) -> DataSplits:
 
 
 def image_folder(path: str, image_size: int = 224) -> DataSplits:
-    """PATH/train/<class>/* and PATH/val/<class>/* (or test/): ImageNet's layout."""
+    """PATH/train/<class>/... and PATH/val/<class>/... (or test/): ImageNet's layout.
+
+    Tiny ImageNet's val/ (val/images/* listed with their class in val/val_annotations.txt)
+    is read too. Sub-folders inside a class folder are searched, as ImageFolder does.
+    """
     from torchvision.datasets import ImageFolder
 
     test_dir = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
@@ -200,7 +205,9 @@ def image_folder(path: str, image_size: int = 224) -> DataSplits:
     if not os.path.isdir(train_dir) or test_dir is None:
         raise DataError(f"'{path}' needs train/ and val/ (or test/) folders with one sub-folder per class")
     try:
-        train, test = ImageFolder(train_dir), ImageFolder(test_dir)
+        train = ImageFolder(train_dir)
+        annotations = os.path.join(test_dir, "val_annotations.txt")
+        test = annotated_images(test_dir, annotations, train.class_to_idx) if os.path.isfile(annotations) else ImageFolder(test_dir)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"cannot read images under '{path}' ({str(exc).splitlines()[0]})") from exc
     if train.classes != test.classes:
@@ -213,3 +220,38 @@ def image_folder(path: str, image_size: int = 224) -> DataSplits:
         [v2.ToImage(), v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     )
     return DataSplits("imagefolder", Augmented(train, train_tf), Augmented(test, test_tf), list(train.classes), image_size)
+
+
+def annotated_images(folder: str, annotations: str, class_to_idx: dict[str, int]) -> ListedImages:
+    """Tiny ImageNet's val/: images/NAME for each `NAME<TAB>CLASS<TAB>...` line of `annotations`."""
+    samples = []
+    with open(annotations) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) < 2 or fields[1] not in class_to_idx:
+                raise DataError(f"{annotations}, line {number}: expected 'FILE<TAB>CLASS' with a class of train/, got '{line.strip()[:60]}'")
+            image = os.path.join(folder, "images", fields[0])
+            if not os.path.isfile(image):
+                raise DataError(f"{annotations}, line {number}: '{image}' does not exist")
+            samples.append((image, class_to_idx[fields[1]]))
+    if not samples:
+        raise DataError(f"{annotations} lists no images")
+    return ListedImages(samples, sorted(class_to_idx, key=class_to_idx.get))
+
+
+class ListedImages(Dataset):
+    """Image files with their class index, read with ImageFolder's loader (PIL, RGB)."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str]) -> None:
+        self.samples, self.classes = samples, classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from torchvision.datasets.folder import default_loader
+
+        path, label = self.samples[i]
+        return default_loader(path), label

@@ -84,7 +84,7 @@ def test_a_procedure_without_samples_for_the_window_is_dead_and_revived(revive):
         busiest = int(stage.router.last_routes.bincount().argmax())
         for a, b in zip(stage.procedures[2].parameters(), stage.procedures[busiest].parameters()):
             assert torch.equal(a, b)
-        routes, handles = record_routes(gm)
+        routes, _ = record_routes(gm)
         gm(torch.randn(64, 3, 32, 32))
         assert (routes[0][0] == 2).any()  # it receives samples again
     else:
@@ -139,6 +139,34 @@ def test_cifar_and_image_folders_load_from_local_files(tmp_path, monkeypatch):
             Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "imgs" / split / cls / "x.png")
     data = load_data(f"imagefolder:{tmp_path / 'imgs'}", image_size=24)
     assert data.classes == ["cat", "dog"] and data.train[0][0].shape == (3, 24, 24)
+
+
+def test_tiny_imagenet_val_annotations_give_the_test_labels(tmp_path):
+    from PIL import Image
+
+    from rmn_fx.recipes.data import DataError
+
+    root = tmp_path / "tiny-imagenet-200"
+    for wnid, colour in (("n01", (250, 0, 0)), ("n02", (0, 0, 250))):
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        Image.new("RGB", (64, 64), colour).save(root / "train" / wnid / "images" / f"{wnid}_0.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "test" / "images").mkdir(parents=True)  # unlabelled, as shipped: not used
+    for name, colour in (("val_0.JPEG", (0, 0, 250)), ("val_1.JPEG", (250, 0, 0))):
+        Image.new("RGB", (64, 64), colour).save(root / "val" / "images" / name)
+    annotations = root / "val" / "val_annotations.txt"
+    annotations.write_text("val_0.JPEG\tn02\t0\t0\t63\t63\nval_1.JPEG\tn01\t1\t2\t60\t61\n")
+    data = load_data(f"imagefolder:{root}", image_size=64)
+    assert data.classes == ["n01", "n02"] and len(data.train) == 2 and len(data.test) == 2
+    labels = [data.test[i][1] for i in range(2)]
+    reds = [float(data.test[i][0][0].mean()) > float(data.test[i][0][2].mean()) for i in range(2)]
+    assert labels == [1, 0] and reds == [False, True]  # each file with its listed class
+    annotations.write_text("val_0.JPEG\tn03\t0\t0\t63\t63\n")
+    with pytest.raises(DataError, match="line 1.*class of train/"):
+        load_data(f"imagefolder:{root}", image_size=64)
+    annotations.write_text("missing.JPEG\tn01\t0\t0\t63\t63\n")
+    with pytest.raises(DataError, match="missing.JPEG' does not exist"):
+        load_data(f"imagefolder:{root}", image_size=64)
 
 
 @settings(max_examples=15, deadline=None)

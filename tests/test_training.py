@@ -38,8 +38,8 @@ def state(run: Path) -> dict:
 
 def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,20 @@ def test_eval_and_report_read_the_run(finished_run):
     for name in ("curves.png", "load.png", "routes.png", "summary.md"):
         data = (finished_run / "report" / name).read_bytes()
         assert data.startswith(b"\x89PNG") if name.endswith(".png") else b"| epoch |" in data
+
+
+def test_mixed_precision_runs_the_same_recipe_in_bfloat16_on_cpu(finished_run, tmp_path):
+    """--amp on CPU autocasts to bfloat16 (float16 + GradScaler on CUDA): the losses move
+    off the float32 run's but stay close, and the model saved is float32 and loadable."""
+    run = tmp_path / "amp"
+    done = cli(*TRAIN, "--amp", "-o", str(run))
+    assert done.returncode == 0, done.stderr
+    mixed, full = metrics(run), metrics(finished_run)
+    assert [r["train_loss"] for r in mixed] != [r["train_loss"] for r in full]  # autocast took effect
+    assert mixed[0]["train_loss"] == pytest.approx(full[0]["train_loss"], rel=5e-2)
+    assert mixed[-1]["test_accuracy"] > 0.3  # ten classes: it learned
+    assert all(v.dtype != torch.bfloat16 for v in state(run).values())
+    rmn_fx.load(str(run / "model.pt"))
 
 
 def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
