@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
 
 from rmn_fx.errors import RMNError
@@ -251,7 +252,5 @@ class ListedImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from torchvision.datasets.folder import default_loader
-
         path, label = self.samples[i]
         return default_loader(path), label
