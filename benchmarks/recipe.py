@@ -10,7 +10,7 @@ measured in this run), routing NMI with the hidden contexts and the classes, and
 procedures dead at the end of training (no training sample for --dead-window steps) at
 batch 128. Writes OUT.json and OUT.csv.
 
-    python benchmarks/recipe.py -o out/recipe            # about 15 minutes on 2 CPU cores
+    python benchmarks/recipe.py -o out/recipe            # about 18 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
