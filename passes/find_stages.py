@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from rmn_fx.errors import NoDownsamplingError, StageError
-from rmn_fx.layout import FeatureLayout
+from rmn_fx.nn.layout import FeatureLayout
 
 from .infra import PassBase, PassResult
 from .main_path import main_path

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import fx
 
-from rmn_fx.routed_stage import RoutedStage
+from rmn_fx.nn.routed_stage import RoutedStage
 
 from .infra import PassBase, PassResult
 

@@ -14,7 +14,8 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rmn_fx.errors import InputSizeError, first_line
-from rmn_fx.layout import infer_layout
+from rmn_fx.nn.layout import infer_layout
+from rmn_fx.nn.modes import training_mode
 
 from .infra import PassBase, PassResult
 
@@ -71,11 +72,9 @@ class ShapePropagation(PassBase):
         self.output = None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        was_training = graph_module.training
-        graph_module.eval()
         recorder = _ShapeRecorder(graph_module)
         try:
-            with torch.no_grad():
+            with training_mode(graph_module, False), torch.no_grad():
                 self.output = recorder.run(self.sample)
         except Exception as exc:
             reason = first_line(exc)
@@ -84,8 +83,6 @@ class ShapePropagation(PassBase):
                 f"{type(graph_module).__name__} rejects a {size} input at node '{recorder.current}' "
                 f"({reason}); pass an input size it accepts (--input-size C,H,W)"
             ) from exc
-        finally:
-            graph_module.train(was_training)
         batch, image_hw = self.sample.shape[0], tuple(self.sample.shape[-2:])
         for node in graph_module.graph.nodes:
             shape = tensor_shape(node)

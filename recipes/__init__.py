@@ -4,7 +4,7 @@
     clone_procedures(model, optimizer)             step 2, parameters and optimizer state
     init_memories(model, batches)                  step 3, k-means over stage-input keys
     set_phase(model, "routed"); train_epoch(...)   step 4, routing (or train_routed)
-    Trainer / train(config, run_dir)               all four, with checkpoints and resume
+    train(RunConfig, run_dir) / Trainer            all four, with checkpoints and resume
 """
 
 from .cloning import clone_procedures, copy_procedure
@@ -22,7 +22,8 @@ from .loop import (
 from .memory_init import MemoryInitError, collect_keys, init_memories, kmeans_centres
 from .monitor import DeadProcedureMonitor, load_balance
 from .presets import RECIPES, resolve
-from .run import Interrupted, RunError, Trainer, train
+from .config import RunConfig, RunError
+from .trainer import Trainer, train
 from .schedule import WarmupCosine
 
 __all__ = [
@@ -32,8 +33,8 @@ __all__ = [
     "DeadProcedureMonitor",
     "DivergenceError",
     "EpochTotals",
-    "Interrupted",
     "MemoryInitError",
+    "RunConfig",
     "RunError",
     "StepContext",
     "Trainer",

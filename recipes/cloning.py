@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rmn_fx.routed_stage import routed_stages
+from rmn_fx.nn.routed_stage import routed_stages
 
 
 def _copy_state(value):

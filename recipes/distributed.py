@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rmn_fx.routed_stage import routed_stages
+from rmn_fx.nn.routed_stage import routed_stages
 
 
 @dataclass

@@ -20,19 +20,30 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from rmn_fx.errors import RMNError
-from rmn_fx.routed_stage import routed_stages
+from rmn_fx.nn.modes import hooks, training_mode
+from rmn_fx.nn.routed_stage import routed_stages
 
 from .monitor import DeadProcedureMonitor
+from .progress import progress
 from .schedule import set_lr
 
 PHASES = ("stem", "routed")
 
 
+LOSS_WINDOW = 20  # steps over which an exploding loss is judged
+
+
 class DivergenceError(RMNError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or exploded past the run's limit while finite."""
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of one training step: its randomness (dropout, drop-path, the stem phase's
+    random attention routes) depends on (seed, step, rank) only, so a run resumed at any
+    step draws what the uninterrupted run drew, whatever else consumed random numbers."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2**63
 
 
 def set_phase(model: nn.Module, phase: str) -> None:
@@ -52,6 +63,18 @@ class EpochTotals:
     samples: int = 0
     steps: int = 0
     interrupted: bool = False
+    recent_losses: list[float] = field(default_factory=list)  # the last LOSS_WINDOW steps' mean losses
+
+    def record(self, loss_sum: float, correct: int, samples: int) -> None:
+        self.loss += loss_sum
+        self.correct += correct
+        self.samples += samples
+        self.steps += 1
+        self.recent_losses = (self.recent_losses + [loss_sum / samples])[-LOSS_WINDOW:]
+
+    @property
+    def recent_mean_loss(self) -> float:
+        return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else math.nan
 
     @property
     def mean_loss(self) -> float:
@@ -74,6 +97,9 @@ class StepContext:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums over ranks (DDP)
     should_stop: Callable[[], bool] = lambda: False
     progress: str | None = None
+    seed: int | None = None  # set: every step is seeded by step_seed(seed, step, rank)
+    rank: int = 0
+    max_loss: float | None = None  # a loss averaged over LOSS_WINDOW steps above it stops the run
 
     def autocast(self):
         if not self.amp:
@@ -91,15 +117,20 @@ def train_epoch(
     loss_fn=F.cross_entropy,
 ) -> EpochTotals:
     """Train over `batches` of (images, labels). The epoch starts at step `first_step` of the
-    LR curve; `totals` of a partly done epoch continue it (its steps count on). Stops early, after a whole step, when `context.should_stop()` (on
-    any rank: the flag is reduced with the step's statistics) and sets `interrupted`.
-    Raises DivergenceError, before the optimizer step, if the loss is not finite."""
+    LR curve; `totals` of a partly done epoch continue it (its steps count on). Stops early,
+    after a whole step, when `context.should_stop()` (on any rank: the flag is reduced with
+    the step's statistics) and sets `interrupted`. Raises DivergenceError, before the
+    optimizer step, if the loss is not finite, and after it if the loss averaged over the
+    last LOSS_WINDOW steps exceeds `context.max_loss`."""
     context = context or StepContext()
     totals = totals or EpochTotals()
     model.train()
-    for images, labels in tqdm(batches, desc=context.progress, disable=None if context.progress else True, leave=False):
+    status = lambda: f"loss {totals.recent_mean_loss:.4f}"  # noqa: E731
+    for images, labels in progress(batches, context.progress, status=status):
         images, labels = images.to(context.device, non_blocking=True), labels.to(context.device, non_blocking=True)
         step = first_step + totals.steps
+        if context.seed is not None:
+            torch.manual_seed(step_seed(context.seed, step, context.rank))
         if context.schedule is not None:
             set_lr(optimizer, context.schedule(step))
         with context.autocast():
@@ -122,10 +153,11 @@ def train_epoch(
             optimizer.step()
         if context.monitor is not None:
             context.monitor.after_step(optimizer)
-        totals.loss += float(stats[0])
-        totals.correct += int(stats[1])
-        totals.samples += int(stats[2])
-        totals.steps += 1
+        totals.record(float(stats[0]), int(stats[1]), int(stats[2]))
+        if context.max_loss is not None and len(totals.recent_losses) == LOSS_WINDOW and totals.recent_mean_loss > context.max_loss:
+            raise DivergenceError(
+                f"the loss exploded: it averaged {totals.recent_mean_loss:.4g} over the last {LOSS_WINDOW} steps, above the limit {context.max_loss:.4g} (at step {step})"
+            )
         if stats[3] > 0:
             totals.interrupted = True
             break
@@ -169,26 +201,28 @@ def evaluate(
     context_count: int = 0,
     device: torch.device | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    desc: str | None = None,
 ) -> tuple[dict, list[RouteCounts]]:
-    """Loss and accuracy over `batches`, and the routes of every routed stage
-    (empty while the model is in the stem phase). `contexts` yields one tensor of context
-    indices per batch (the embedded data's hidden contexts)."""
+    """Loss, accuracy and the accuracy of chance over `batches`, and the routes of every
+    routed stage (empty while the model is in the stem phase). `contexts` yields one tensor
+    of context indices per batch (the embedded data's hidden contexts); `desc` names the
+    progress display."""
     stages = routed_stages(model)
     routes: list[torch.Tensor | None] = [None] * len(stages)
-    handles = [s.router.register_forward_hook(lambda m, a, out, i=i: routes.__setitem__(i, out)) for i, s in enumerate(stages)]
     device = device or next(model.parameters()).device
     by_class = [torch.zeros(s.branches, num_classes, dtype=torch.long, device=device) for s in stages]
     by_context = [torch.zeros(s.branches, max(context_count, 1), dtype=torch.long, device=device) for s in stages]
-    stats = torch.zeros(3, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
+    per_class = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    stats = torch.zeros(2, dtype=torch.float64, device=device)
     context_iter = iter(contexts) if contexts is not None else None
-    try:
-        for images, labels in batches:
+    recorders = [s.router.register_forward_hook(lambda m, a, out, i=i: routes.__setitem__(i, out)) for i, s in enumerate(stages)]
+    with hooks(recorders), training_mode(model, False):
+        for images, labels in progress(batches, desc):
             images, labels = images.to(device), labels.to(device)
             routes[:] = [None] * len(stages)
             logits = model(images).float()
-            stats += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), (logits.argmax(1) == labels).sum().double(), torch.tensor(float(len(labels)), device=device, dtype=torch.float64)])
+            stats += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), (logits.argmax(1) == labels).sum().double()])
+            per_class += torch.bincount(labels, minlength=num_classes).double()
             batch_contexts = next(context_iter).to(device) if context_iter is not None else None
             for i, route in enumerate(routes):
                 if route is None:
@@ -196,13 +230,15 @@ def evaluate(
                 by_class[i].index_put_((route, labels), torch.ones_like(route), accumulate=True)
                 if batch_contexts is not None:
                     by_context[i].index_put_((route, batch_contexts), torch.ones_like(route), accumulate=True)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     if reduce is not None:
-        for t in (stats, *by_class, *by_context):
+        for t in (stats, per_class, *by_class, *by_context):
             reduce(t)
-    summary = {"loss": float(stats[0] / stats[2]), "accuracy": float(stats[1] / stats[2]), "samples": int(stats[2])}
+    samples = per_class.sum()
+    summary = {
+        "loss": float(stats[0] / samples),
+        "accuracy": float(stats[1] / samples),
+        "samples": int(samples),
+        "chance_accuracy": float(per_class.max() / samples),  # always guessing the most frequent class
+    }
     counts = [RouteCounts(c.cpu(), x.cpu() if contexts is not None else None) for c, x in zip(by_class, by_context)]
     return summary, counts

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from torch import nn
-from tqdm import tqdm
 
 from rmn_fx.errors import RMNError
-from rmn_fx.routed_stage import routed_stages
+from rmn_fx.nn.modes import hooks, training_mode
+from rmn_fx.nn.routed_stage import routed_stages
 
 from .distributed import Group
+from .progress import progress
 
 
 class MemoryInitError(RMNError):
@@ -27,30 +28,22 @@ class MemoryInitError(RMNError):
 
 
 @torch.no_grad()
-def collect_keys(model: nn.Module, batches: Iterable, max_samples: int | None = None) -> list[torch.Tensor]:
+def collect_keys(model: nn.Module, batches: Iterable, max_samples: int | None = None, show_progress: bool = True) -> list[torch.Tensor]:
     """Keys [samples, C] of every routed stage, over `batches` of images (or (images, ...))."""
     stages = routed_stages(model)
     keys: list[list[torch.Tensor]] = [[] for _ in stages]
-    handles = [
-        stage.register_forward_pre_hook(
-            lambda m, args, i=i: keys[i].append(m.key(args[0]).float().cpu())
-        )
+    recorders = [
+        stage.register_forward_pre_hook(lambda m, args, i=i: keys[i].append(m.key(args[0]).float().cpu()))
         for i, stage in enumerate(stages)
     ]
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
-        for batch in tqdm(batches, desc="memory keys", disable=None, leave=False):
+    with hooks(recorders), training_mode(model, False):
+        for batch in progress(batches, "memory keys" if show_progress else None):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             model(images)
             seen += images.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return [torch.cat(k)[:max_samples] if k else torch.empty(0) for k in keys]
 
 
@@ -82,8 +75,8 @@ def init_memories(
     over all of them, and the centres are broadcast, so every rank holds the same memories."""
     group = group or Group()
     stages = routed_stages(model)
-    per_rank = group.gather(collect_keys(model, batches, max_samples))
-    for i, stage in enumerate(stages):
+    per_rank = group.gather(collect_keys(model, batches, max_samples, group.is_main))
+    for i, stage in progress(list(enumerate(stages)), "k-means per stage" if group.is_main else None):
         if group.is_main:
             keys = torch.cat([rank_keys[i] for rank_keys in per_rank])[:max_samples]
             stage.router.memory.copy_(kmeans_centres(keys, stage.branches, seed, minibatch).to(stage.router.memory))

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from rmn_fx.routed_stage import RoutedStage, routed_stages
+from rmn_fx.nn.routed_stage import RoutedStage, routed_stages
 
 from .cloning import copy_procedure
 

@@ -1,9 +1,11 @@
-"""`rmn-fx report`: PNG plots and a summary table of a run directory.
+"""`rmn-fx report`: PNG plots and a summary of a run directory.
 
     report/curves.png  train and test loss and accuracy per epoch, stem and routed phases shaded
     report/load.png    per stage: share of training samples per procedure over the epochs
-    report/routes.png  per stage: test samples by procedure and class (final model)
-    report/summary.md  the per-epoch table and the final routing statistics
+    report/routes.png  per stage: test samples by procedure and class, and by procedure and
+                       hidden context where the data has them (final model)
+    report/summary.md  what was trained (model, N, routing, recipe, data), the per-epoch
+                       table, the final routing statistics; a run at chance is flagged
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 
 from rmn_fx.files import atomic_write, write_text
 
-from .run import RunError, run_paths
+from .config import RunError
+from .run_dir import RunDirectory
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -29,23 +32,21 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def write_report(run_dir: str) -> tuple[str, list[str]]:
     """Write the report files; returns the summary text and the file names written."""
-    paths = run_paths(run_dir)
-    if not os.path.isfile(paths["metrics"]):
+    run = RunDirectory(run_dir)
+    paths = run.paths
+    if not os.path.isfile(paths.metrics):
         raise RunError(f"'{run_dir}' has no metrics.jsonl; give the -o folder of a `rmn-fx train` run that finished an epoch")
-    history = _read_jsonl(paths["metrics"])
-    evaluation = None
-    if os.path.isfile(paths["evaluation"]):
-        with open(paths["evaluation"]) as f:
-            evaluation = json.load(f)
-    out = os.path.join(run_dir, "report")
-    os.makedirs(out, exist_ok=True)
-    written = [_save(out, "curves.png", plot_curves(history))]
+    config = run.read_config()
+    history = _read_jsonl(paths.metrics)
+    evaluation = run.read_json(paths.evaluation) if run.state == "finished" else None
+    os.makedirs(paths.report, exist_ok=True)
+    written = [_save(paths.report, "curves.png", plot_curves(history))]
     if any("stages" in row for row in history):
-        written.append(_save(out, "load.png", plot_load(history)))
+        written.append(_save(paths.report, "load.png", plot_load(history)))
     if evaluation and evaluation["routes_by_class"]:
-        written.append(_save(out, "routes.png", plot_routes(evaluation)))
-    summary = summary_table(history, evaluation)
-    write_text(os.path.join(out, "summary.md"), summary)
+        written.append(_save(paths.report, "routes.png", plot_routes(evaluation)))
+    summary = summary_text(config, history, evaluation)
+    write_text(os.path.join(paths.report, "summary.md"), summary)
     written.append("summary.md")
     return summary, written
 
@@ -64,7 +65,7 @@ def _shade_phases(ax, history: list[dict]) -> None:
 
 def plot_curves(history: list[dict]):
     epochs = [row["epoch"] for row in history]
-    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "top-1 accuracy")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         ax.plot(epochs, [row[f"test_{key}"] for row in history], "s-", label="test")
@@ -80,7 +81,7 @@ def plot_curves(history: list[dict]):
 def plot_load(history: list[dict]):
     routed = [row for row in history if "stages" in row]
     stages = len(routed[0]["stages"])
-    figure, axes = plt.subplots(1, stages, figsize=(4 * stages, 3.6), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, stages, figsize=(4 * stages + 1, 3.8), squeeze=False, sharey=True, layout="constrained")
     epochs = [row["epoch"] for row in routed]
     for i, ax in enumerate(axes[0]):
         counts = np.array([row["stages"][i]["train_samples_per_procedure"] for row in routed], dtype=float)
@@ -95,29 +96,53 @@ def plot_load(history: list[dict]):
 
 
 def plot_routes(evaluation: dict):
-    tables = [np.array(t, dtype=float) for t in evaluation["routes_by_class"]]
-    classes = evaluation["classes"]
-    figure, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables) + 1, 3.6), squeeze=False)
-    for i, (ax, table) in enumerate(zip(axes[0], tables)):
-        shares = table / table.sum(0, keepdims=True).clip(min=1)  # per class: where its samples went
-        image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-        ax.set(title=f"stage {i + 1}  NMI {evaluation['stages'][i]['nmi_class']:.2f}", xlabel="class", ylabel="procedure")
-        if len(classes) <= 20:
-            ax.set_xticks(range(len(classes)), classes, fontsize="small")
-        ax.set_yticks(range(table.shape[0]))
-    figure.colorbar(image, ax=axes[0].tolist(), label="share of the class's test samples")
+    """One column per stage; rows: routes by class, and by hidden context if known."""
+    rows = [("class", evaluation["routes_by_class"], evaluation["classes"], "nmi_class")]
+    if evaluation.get("routes_by_context"):
+        rows.append(("context", evaluation["routes_by_context"], evaluation["contexts"], "nmi_context"))
+    stages = len(evaluation["routes_by_class"])
+    figure, axes = plt.subplots(len(rows), stages, figsize=(3.4 * stages + 1.5, 3.4 * len(rows)), squeeze=False, layout="constrained")
+    for r, (what, tables, labels, nmi) in enumerate(rows):
+        for i, table in enumerate(tables):
+            ax, table = axes[r][i], np.array(table, dtype=float)
+            shares = table / table.sum(0, keepdims=True).clip(min=1)  # per label: where its samples went
+            image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            ax.set(title=f"stage {i + 1}, NMI {evaluation['stages'][i][nmi]:.2f}", xlabel=what, ylabel="procedure")
+            if len(labels) <= 20:
+                ax.set_xticks(range(len(labels)), labels, fontsize="small", rotation=45 if what == "context" else 0)
+            ax.set_yticks(range(table.shape[0]))
+        figure.colorbar(image, ax=axes[r].tolist(), label=f"share of the {what}'s test samples")
+    figure.suptitle("where the test samples of each class" + (" and each hidden context" if len(rows) > 1 else "") + " go")
     return figure
 
 
-def summary_table(history: list[dict], evaluation: dict | None) -> str:
-    lines = ["| epoch | phase | lr | train loss | train acc | test loss | test acc | dead | revived |", "|---|---|---|---|---|---|---|---|---|"]
+def summary_text(config, history: list[dict], evaluation: dict | None) -> str:
+    """What was trained, the epochs, the final routing; a warning first if at chance."""
+    routing = f"memory routing, N = {config.branches}" + (" + Conditional Attention" if config.attention else "") if config.branches > 1 else "none (N = 1)"
+    lines = []
+    if evaluation and evaluation.get("at_chance"):
+        lines += [f"**WARNING: the final test accuracy {evaluation['accuracy']:.4f} is at chance ({evaluation['chance_accuracy']:.4f}): the model did not learn.**", ""]
+    lines += [
+        f"# {config.model}",
+        "",
+        f"- model: {config.model}, input {'x'.join(map(str, config.input_size))}"
+        + (f", stages {config.stages}" if config.stages else "")
+        + (f", routed stages {config.routed}" if config.routed else "")
+        + (f", weights {config.weights}" if config.weights else ""),
+        f"- routing: {routing}",
+        f"- recipe: {config.recipe}; {config.epochs} epochs ({config.stem_epochs} stem), batch {config.batch_size}, lr {config.lr_rule}, seed {config.seed}",
+        f"- data: {config.data}",
+        "",
+        "| epoch | phase | lr | train loss | train acc | test loss | test acc | dead | revived |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in history:
         lines.append(
             f"| {row['epoch']} | {row['phase']} | {row['lr']:.3g} | {row['train_loss']:.4f} | {row['train_accuracy']:.4f} "
             f"| {row['test_loss']:.4f} | {row['test_accuracy']:.4f} | {row.get('dead_procedures', '-')} | {row.get('revived_procedures', '-')} |"
         )
     if evaluation:
-        lines += ["", f"final test accuracy {evaluation['accuracy']:.4f} on {evaluation['samples']} images", ""]
+        lines += ["", f"final test accuracy {evaluation['accuracy']:.4f} on {evaluation['samples']} images (chance {evaluation['chance_accuracy']:.4f})", ""]
         context = any("nmi_context" in s for s in evaluation["stages"])
         lines += ["| stage | unused | balance | NMI class | purity class |" + (" NMI context |" if context else ""), "|---|---|---|---|---|" + ("---|" if context else "")]
         for s in evaluation["stages"]:

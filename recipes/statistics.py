@@ -61,3 +61,10 @@ def routing_summary(counts: list[RouteCounts]) -> dict:
         "routes_by_class": [c.by_class.tolist() for c in counts],
         "routes_by_context": [c.by_context.tolist() for c in counts if c.by_context is not None],
     }
+
+
+def at_chance(summary: dict) -> bool:
+    """Whether a test accuracy is indistinguishable from always guessing the most frequent
+    class: within three binomial standard errors of it."""
+    chance, samples = summary["chance_accuracy"], summary["samples"]
+    return summary["accuracy"] <= chance + 3 * math.sqrt(chance * (1 - chance) / max(samples, 1))

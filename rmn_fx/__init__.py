@@ -1,8 +1,15 @@
-"""rmn-fx: compile torchvision/timm backbones into Neural Routing by Memory (RMN) networks."""
+"""rmn-fx: compile torchvision/timm backbones into Neural Routing by Memory (RMN) networks.
+
+The errors are imported at once; everything that needs torch is imported on first use
+(PEP 562), so that `import rmn_fx.cli` and `rmn-fx --version` stay fast.
+"""
+
+import importlib
 
 from .errors import (
     ConversionError,
     InputSizeError,
+    ModelBuildError,
     ModelFileError,
     ModelNotFoundError,
     NoDownsamplingError,
@@ -11,18 +18,38 @@ from .errors import (
     RMNError,
     StageError,
     TraceError,
+    TrainingFailed,
+    TrainingInterrupted,
+    UntrustedCodeError,
     WeightsError,
 )
-from .routed_stage import RoutedStage
-from .serialization import load, save
-from .tracing import trace
-from .transform import Anatomy, analyze, transform
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Anatomy": "conversion",
+    "analyze": "conversion",
+    "transform": "conversion",
+    "load": "serialization",
+    "save": "serialization",
+    "trace": "tracing",
+    "RoutedStage": "nn.routed_stage",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rmn_fx' has no attribute {name!r}")
+
+
 __all__ = [
     "Anatomy",
     "ConversionError",
     "InputSizeError",
+    "ModelBuildError",
     "ModelFileError",
     "ModelNotFoundError",
     "NoDownsamplingError",
@@ -32,6 +59,9 @@ __all__ = [
     "RoutedStage",
     "StageError",
     "TraceError",
+    "TrainingFailed",
+    "TrainingInterrupted",
+    "UntrustedCodeError",
     "WeightsError",
     "analyze",
     "load",

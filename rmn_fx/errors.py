@@ -17,6 +17,14 @@ class ModelNotFoundError(RMNError, LookupError):
     """A model name resolves to neither torchvision, timm, nor an importable factory."""
 
 
+class ModelBuildError(RMNError):
+    """A model factory raised while building the network."""
+
+
+class UntrustedCodeError(RMNError):
+    """A model file names a `package.module:factory` to import; loading it needs an opt-in."""
+
+
 class WeightsError(RMNError):
     """A --weights file is missing, unreadable, or does not fit the model."""
 
@@ -50,7 +58,16 @@ class OutputPathError(RMNError):
 
 
 class TrainingInterrupted(RMNError):
-    """Training stopped on Ctrl-C after saving a checkpoint (not a failure: resume it)."""
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint (not a failure:
+    resume it). `exit_code` is the shell's for that signal (130, 143)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TrainingFailed(RMNError):
+    """Training finished but the model did not learn (test accuracy at chance)."""
 
 
 def first_line(exc: BaseException) -> str:

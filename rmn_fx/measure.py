@@ -7,13 +7,29 @@ element-wise ops and the router's distance computation are not counted, for eith
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .nn.modes import hooks, training_mode
+
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (the kernel's MemAvailable on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: what sysconf knows
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def flop_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
@@ -22,13 +38,8 @@ def flop_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]
     Runs with autograd on: FlopCounterMode's module tracker fails under no_grad when a
     parameter is passed straight into a submodule (timm's CaiT class-attention blocks).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    with training_mode(model, False), FlopCounterMode(display=False) as counter:
+        model(x)
     per_module = {}
     for name, counts in counter.get_flop_counts().items():
         _, _, path = name.partition(".")
@@ -50,19 +61,14 @@ def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
     Right after conversion all memories are zero and every sample takes procedure 0; this
     spreads a batch over min(B, N) procedures, so that checks exercise the dispatch.
     """
-    from .routed_stage import routed_stages
+    from .nn.routed_stage import routed_stages
 
     def hook(stage, args):
         keys = stage.key(args[0]).detach()
         stage.router.memory.copy_(keys[torch.arange(stage.branches) % keys.shape[0]])
 
-    handles = [m.register_forward_pre_hook(hook) for m in routed_stages(converted)]
-    try:
-        with torch.no_grad():
-            converted.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(m.register_forward_pre_hook(hook) for m in routed_stages(converted)), torch.no_grad():
+        converted.eval()(x)
 
 
 def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
@@ -74,7 +80,7 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
     = base FLOPs + attention FLOPs (its two linear layers); a conversion is exact when the
     measured values equal them.
     """
-    from .routed_stage import routed_stages
+    from .nn.routed_stage import routed_stages
     from .tracing import trace
 
     with torch.no_grad():

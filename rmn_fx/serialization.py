@@ -15,9 +15,10 @@ import json
 import torch
 from torch import fx, nn
 
-from .errors import ModelFileError
+from .errors import ModelFileError, UntrustedCodeError
 from .files import atomic_write, read_torch_file
-from .transform import transform
+from .models import is_factory, state_dict_mismatch
+from .conversion import transform
 
 FORMAT = "rmn-fx"
 FORMAT_VERSION = 1
@@ -55,13 +56,22 @@ def read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def load(path: str, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> fx.GraphModule:
-    """Rebuild a converted model from `path`; `model` is the base network for user models."""
+def load(
+    path: str,
+    model: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+    trust_factory: bool = False,
+) -> fx.GraphModule:
+    """Rebuild a converted model from `path`.
+
+    model:         the base network (needed for a user's own model; overrides the file's name).
+    trust_factory: let the file's `package.module:factory` source be imported and called.
+                   Off by default: a file is data, and a torchvision/timm name is rebuilt
+                   from the registries without running anything the file names.
+    """
     config, state = read(path)
     source = config.get("source")
-    if model is None and source is None:
-        raise ModelFileError(f"'{path}' was converted from a user model; pass the base network: rmn_fx.load(path, model=MyNet())")
-    base = model if model is not None else source["model"]
+    base = model if model is not None else _base_from_source(path, source, trust_factory)
     gm = transform(
         base,
         branches=config["branches"],
@@ -80,8 +90,23 @@ def load(path: str, model: nn.Module | None = None, map_location: str | torch.de
             f"{gm.meta['rmn_fx']['stage_plan']}; load it with the rmn-fx release and model code that wrote it"
         )
     gm.meta["rmn_fx"]["source"] = source
-    try:
-        gm.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelFileError(f"'{path}' does not fit the rebuilt model ({str(exc).splitlines()[0]})") from exc
+    mismatch = state_dict_mismatch(gm.state_dict(), state)
+    if mismatch:
+        raise ModelFileError(f"'{path}' does not fit the rebuilt model: {mismatch}; pass the model the file was converted from")
+    gm.load_state_dict(state)
     return gm.to(map_location).eval()
+
+
+def _base_from_source(path: str, source, trust_factory: bool) -> str:
+    """The model name to rebuild from, once it is known to run no code the file names."""
+    if source is None:
+        raise ModelFileError(f"'{path}' was converted from a user model; pass the base network: rmn_fx.load(path, model=MyNet())")
+    name, classes = (source.get("model"), source.get("num_classes")) if isinstance(source, dict) else (None, None)
+    if not isinstance(name, str) or not (classes is None or (isinstance(classes, int) and not isinstance(classes, bool))):
+        raise ModelFileError(f"'{path}' is damaged: its model source {source!r} is not a model name and class count")
+    if is_factory(name) and not trust_factory:
+        raise UntrustedCodeError(
+            f"'{path}' names the factory '{name}', which loading would import and call; pass the base network "
+            "(rmn_fx.load(path, model=...)) or, if you trust the file, opt in with trust_factory=True (CLI: --trust-factory)"
+        )
+    return name

@@ -19,6 +19,7 @@ import torchvision.ops
 from torch import fx, nn
 
 from .errors import TraceError, first_line
+from .nn.modes import training_mode
 
 
 def _module_classes(namespace) -> set[type]:
@@ -79,10 +80,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
     tracer = RMNTracer()
-    was_training = model.training
-    model.eval()
     try:
-        graph = tracer.trace(model, concrete_args=_concrete_args(model))
+        with training_mode(model, False):
+            graph = tracer.trace(model, concrete_args=_concrete_args(model))
     except TraceError:
         raise
     except Exception as exc:
@@ -97,9 +97,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "data-dependent control flow) or register it as a leaf with "
             "timm.layers.register_notrace_module"
         ) from exc
-    finally:
-        model.train(was_training)
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, class_name=name)
-    gm.train(was_training)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm.train(model.training)
     return gm

@@ -7,7 +7,7 @@ from torch import nn
 
 from rmn_fx.measure import relative_error as max_relative_error  # noqa: F401 - re-exported for tests
 from rmn_fx.measure import spread_routes  # noqa: F401 - re-exported for tests
-from rmn_fx.routed_stage import routed_stages
+from rmn_fx.nn.routed_stage import routed_stages
 
 
 def record_routes(gm: nn.Module) -> tuple[list[list[torch.Tensor]], list]:

@@ -15,7 +15,7 @@ from rmn_fx.recipes.distributed import Group
 
 import rmn_fx
 from rmn_fx.errors import StageError
-from rmn_fx.routed_stage import routed_stages
+from rmn_fx.nn.routed_stage import routed_stages
 
 
 def converted(branches=4, attention=True):
@@ -205,7 +205,7 @@ def test_patchify_stems_cannot_lose_their_downsampling():
 
 
 def test_every_procedure_dispatch_runs_idle_procedures_on_empty_batches_with_the_same_result():
-    from rmn_fx.routing import dispatch
+    from rmn_fx.nn.routing import dispatch
 
     torch.manual_seed(0)
     procedures = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, 1) for _ in range(3))

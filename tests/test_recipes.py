@@ -14,7 +14,7 @@ from sklearn.cluster import KMeans
 
 import rmn_fx
 from rmn_fx.measure import spread_routes
-from rmn_fx.routed_stage import routed_stages
+from rmn_fx.nn.routed_stage import routed_stages
 
 
 def converted(branches=3, attention=True):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from rmn_fx import RoutedStage
-from rmn_fx.attention import ConditionalAttention
-from rmn_fx.routing import MemoryRouter, dispatch
+from rmn_fx.nn.attention import ConditionalAttention
+from rmn_fx.nn.routing import MemoryRouter, dispatch
 
 
 def test_router_picks_the_nearest_memory_and_updates_by_moving_average():

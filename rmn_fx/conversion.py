@@ -24,10 +24,12 @@ from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
 from rmn_fx.passes.route import RouteStages
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
+from .nn.attention import ConditionalAttention
 from .errors import ConversionError, OptionError, RMNError
-from .measure import count_params, flop_counts, relative_error
+from .measure import count_params, flop_counts, free_memory, relative_error
+from .nn.modes import training_mode
 from .models import create_model, default_input_size
-from .routed_stage import routed_stages
+from .nn.routed_stage import routed_stages
 from .tracing import trace
 
 VERIFY_RTOL = 1e-5
@@ -172,9 +174,8 @@ def transform(
     routed = list(range(1, count + 1)) if routed is None else sorted(set(routed))
     if not routed or not all(isinstance(i, int) and 1 <= i <= count for i in routed):
         raise OptionError(f"routed stages must be indices in 1..{count}, got {routed!r}")
-    gm = anatomy.graph_module
-    was_training = gm.training
-    gm, _ = PassManager([RouteStages(branches, attention, routed, momentum)])(gm)
+    check_memory_for(anatomy, branches, attention, routed)
+    gm, _ = PassManager([RouteStages(branches, attention, routed, momentum)])(anatomy.graph_module)
     gm.meta["rmn_fx"] = {
         "source": anatomy.source,
         "input_size": list(anatomy.input_size),
@@ -187,15 +188,31 @@ def transform(
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
     }
     if verify:
-        _verify(_tensors(anatomy.sample_output), _outputs(gm, anatomy.sample))
-    gm.train(was_training)
+        with training_mode(gm, False), torch.no_grad():
+            _verify(_tensors(anatomy.sample_output), _tensors(gm(anatomy.sample)))
     return gm
 
 
-@torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    model.eval()
-    return _tensors(model(x))
+def added_parameters(stages: Sequence[Stage], branches: int, attention: bool, routed: Sequence[int]) -> int:
+    """Parameters and memory entries the conversion adds: (N - 1) copies of every routed
+    stage, its attention and its memories; known from the anatomy before anything is copied."""
+    return sum(
+        (branches - 1) * s.params + branches * s.in_channels + (ConditionalAttention.parameter_count(s.out_channels, branches) if attention else 0)
+        for s in stages
+        if s.index in routed
+    )
+
+
+def check_memory_for(anatomy: Anatomy, branches: int, attention: bool, routed: Sequence[int]) -> None:
+    """Refuse a conversion whose copies cannot fit in the memory free on the model's device."""
+    added = added_parameters(anatomy.stages, branches, attention, routed)
+    needed = added * anatomy.sample.element_size()
+    free = free_memory(anatomy.sample.device)
+    if needed > free:
+        raise OptionError(
+            f"{branches} branches would add {added:,} parameters and memory entries ({needed / 2**30:.1f} GiB), more than the "
+            f"{free / 2**30:.1f} GiB of memory free on {anatomy.sample.device}; use fewer branches or route fewer stages"
+        )
 
 
 def _tensors(output) -> list[torch.Tensor]:

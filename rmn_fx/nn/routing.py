@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .modes import training_mode
+
 
 class MemoryRouter(nn.Module):
     """Nearest-memory routing over `branches` memories of size `key_dim`.
@@ -70,11 +72,8 @@ def run_procedure(procedure: nn.Module, x: torch.Tensor) -> torch.Tensor:
     running statistics are the better estimate anyway). Gradients flow as usual."""
     if not (procedure.training and x.shape[0] == 1):
         return procedure(x)
-    procedure.eval()
-    try:
+    with training_mode(procedure, False):
         return procedure(x)
-    finally:
-        procedure.train()
 
 
 def dispatch(

@@ -21,11 +21,21 @@ class ConditionalAttention(nn.Module):
     def __init__(self, channels: int, branches: int, layout: str = "NCHW", reduction: int = 16) -> None:
         super().__init__()
         self.branches, self.layout = branches, layout
-        hidden = max(1, channels // reduction)
+        hidden = self.hidden_units(channels, reduction)
         self.squeeze = nn.Linear(channels, hidden)
         self.excite = nn.Linear(hidden + branches, channels)
         nn.init.zeros_(self.excite.weight)
         nn.init.zeros_(self.excite.bias)
+
+    @staticmethod
+    def hidden_units(channels: int, reduction: int = 16) -> int:
+        return max(1, channels // reduction)
+
+    @classmethod
+    def parameter_count(cls, channels: int, branches: int, reduction: int = 16) -> int:
+        """Parameters of an attention over `channels` (known before it is built)."""
+        hidden = cls.hidden_units(channels, reduction)
+        return channels * hidden + hidden + (hidden + branches) * channels + channels
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, layout={self.layout}"

@@ -1,0 +1,85 @@
+"""Options shared by the commands, so that each has one name and one meaning everywhere.
+
+    model_options        MODEL, --weights, --input-size, --stages, --remove-downsamplings
+    conversion_options   --branches, --attention/--no-attention, --routed, --memory-momentum
+    --num-classes        convert and inspect (train takes the class count from its data)
+    --trust-factory      commands that rebuild a model from a file or a run directory
+"""
+
+from __future__ import annotations
+
+import click
+
+
+class InputSize(click.ParamType):
+    """C,H,W or a single side S (3 channels, square)."""
+
+    name = "C,H,W"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"'{value}' is not C,H,W (e.g. 3,224,224) or a side (e.g. 224)", param, ctx)
+        if len(parts) == 1:
+            parts = (3, parts[0], parts[0])
+        if len(parts) != 3 or min(parts) <= 0:
+            self.fail(f"'{value}' is not C,H,W with three positive integers", param, ctx)
+        return parts
+
+
+class StageIndices(click.ParamType):
+    name = "I,J,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return sorted({int(v) for v in str(value).split(",") if v.strip()})
+        except ValueError:
+            self.fail(f"'{value}' is not a comma-separated list of stage numbers (e.g. 2,3,4)", param, ctx)
+
+
+def _apply(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def model_options(model_required: bool = True, input_help: str = "the model's own: timm's config, else 3,224,224"):
+    """MODEL and how to build and analyse it."""
+    return _apply(
+        [
+            click.argument("model", required=model_required),
+            click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict or checkpoint to load into the model before conversion."),
+            click.option("--input-size", type=InputSize(), help=f"Input C,H,W (or a side S) [default: {input_help}]."),
+            click.option("--stages", metavar="A:B,C:D", help="Name the stages by module-path ranges instead of detecting them (e.g. blocks.0:blocks.5,blocks.6:blocks.11)."),
+            click.option("--remove-downsamplings", type=click.IntRange(min=0), help="Make the first K downsamplings keep the resolution (small images) [default: 0; paper: 2 on CIFAR and Tiny ImageNet]."),
+        ]
+    )
+
+
+def conversion_options(f):
+    """How the stages are routed."""
+    return _apply(
+        [
+            click.option("-b", "--branches", type=click.IntRange(min=1), default=8, show_default=True, help="Procedures (N) per routed stage."),
+            click.option("--attention/--no-attention", default=True, show_default=True, help="Conditional Attention at the end of each routed stage."),
+            click.option("--routed", type=StageIndices(), help="Stage numbers to route, e.g. 2,3,4 [default: all]."),
+            click.option("--memory-momentum", type=click.FloatRange(0.0, 1.0, max_open=True), help="Moving-average factor a of the memories [default: 0.9, the paper's]."),
+        ]
+    )(f)
+
+
+num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size of the built model [default: the model's own].")
+
+trust_factory_option = click.option(
+    "--trust-factory",
+    is_flag=True,
+    help="Let a file that names a PACKAGE.MODULE:FACTORY import and call it (runs that code; only for files you trust).",
+)
