@@ -8,6 +8,7 @@
 """
 
 from .cloning import clone_procedures, copy_procedure
+from .config import RunConfig, RunError
 from .data import DataError, DataSplits, load_data
 from .loop import (
     DivergenceError,
@@ -22,9 +23,8 @@ from .loop import (
 from .memory_init import MemoryInitError, collect_keys, init_memories, kmeans_centres
 from .monitor import DeadProcedureMonitor, load_balance
 from .presets import RECIPES, resolve
-from .config import RunConfig, RunError
-from .trainer import Trainer, train
 from .schedule import WarmupCosine
+from .trainer import Trainer, train
 
 __all__ = [
     "RECIPES",

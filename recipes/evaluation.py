@@ -7,10 +7,10 @@ import torch
 import rmn_fx
 
 from .batches import evaluation_batches
+from .builders import pick_device
 from .data import DataError, load_data
 from .distributed import Group
 from .loop import evaluate
-from .builders import pick_device
 from .statistics import at_chance, routing_summary
 
 

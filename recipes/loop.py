@@ -125,7 +125,7 @@ def train_epoch(
     context = context or StepContext()
     totals = totals or EpochTotals()
     model.train()
-    status = lambda: f"loss {totals.recent_mean_loss:.4f}"  # noqa: E731
+    status = lambda: f"loss {totals.recent_mean_loss:.4f}"
     for images, labels in progress(batches, context.progress, status=status):
         images, labels = images.to(context.device, non_blocking=True), labels.to(context.device, non_blocking=True)
         step = first_step + totals.steps

@@ -61,18 +61,18 @@ class Recipe:
 
 
 _PAPER_SGD = LinearLR(0.48, 1024, "the paper's 0.48 at its batch 1024 (N = 8)")
-_PAPER = dict(
-    stem_epochs=40,
-    lr=_PAPER_SGD,
-    lr_start=1e-5,
-    lr_end=1e-5,
-    warmup_epochs=5,
-    optimizer="sgd",
-    momentum=0.9,
-    weight_decay=1e-5,
-    batch_size=None,
-    rmsprop_models=("efficientnet",),  # the paper trains EfficientNet with RMSprop
-)
+_PAPER = {
+    "stem_epochs": 40,
+    "lr": _PAPER_SGD,
+    "lr_start": 1e-5,
+    "lr_end": 1e-5,
+    "warmup_epochs": 5,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight_decay": 1e-5,
+    "batch_size": None,
+    "rmsprop_models": ("efficientnet",),  # the paper trains EfficientNet with RMSprop
+}
 
 RECIPES: dict[str, Recipe] = {
     "quick": Recipe(

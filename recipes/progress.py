@@ -34,10 +34,8 @@ def progress(
                 bar.set_postfix_str(status(), refresh=False)
         return
     started = last = time.monotonic()
-    done = 0
-    for item in iterable:
+    for done, item in enumerate(iterable, start=1):
         yield item
-        done += 1
         now = time.monotonic()
         if now - last >= every:
             last = now

@@ -86,10 +86,14 @@ class RunDirectory:
             raise RunError(f"'{self.root}' is not a run directory (no config.json); give the -o folder of an earlier `rmn-fx train`")
         return RunConfig.read(self.paths.config)
 
-    def create(self, config: RunConfig) -> None:
-        """Make the folder for a new run (or a run that never reached its first checkpoint)."""
+    def check_new(self) -> None:
+        """A new run may start here: nothing, or a run that never reached its first checkpoint."""
         if self.state in ("checkpointed", "finished"):
             raise RunError(f"'{self.root}' already holds a run; continue it with --resume {self.root}, or choose another -o")
+
+    def create(self, config: RunConfig) -> None:
+        """Make the folder for a new run (or a run that never reached its first checkpoint)."""
+        self.check_new()
         if not self.writer:
             return
         try:

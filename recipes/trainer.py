@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 from dataclasses import asdict
 
@@ -32,7 +31,14 @@ from .cloning import clone_procedures
 from .config import RunConfig, RunError
 from .data import Augmented, DataSplits, load_data
 from .distributed import Group, local_device, prepare, start, stop
-from .loop import DivergenceError, EpochTotals, StepContext, evaluate, set_phase, train_epoch
+from .loop import (
+    DivergenceError,
+    EpochTotals,
+    StepContext,
+    evaluate,
+    set_phase,
+    train_epoch,
+)
 from .memory_init import init_memories
 from .metrics import epoch_line, epoch_row
 from .monitor import DeadProcedureMonitor
@@ -51,7 +57,9 @@ def train(config: RunConfig, run_dir: str, resume: bool = False) -> dict:
     group = start(device)
     try:
         run = RunDirectory(run_dir, writer=group.is_main)
-        if run.state == "finished":
+        if not resume:
+            run.check_new()
+        elif run.state == "finished":
             raise RunError(f"'{run_dir}' has finished; see its evaluation.json, or start a new run with another -o")
         trainer = Trainer.build(config, run, device, group)
         if resume and run.state == "checkpointed":
@@ -66,8 +74,9 @@ def train(config: RunConfig, run_dir: str, resume: bool = False) -> dict:
 
 
 def log(group: Group, text: str) -> None:
+    """A line for the user on the main rank's standard output (errors and progress go to stderr)."""
     if group.is_main:
-        print(text, file=sys.stderr, flush=True)
+        print(text, flush=True)
 
 
 class Trainer:
@@ -215,7 +224,7 @@ class Trainer:
 
     def _diverged(self, reason: str, epoch: int):
         kept = self.run_dir.last_good_checkpoint(self.progress["epoch"])
-        limit = f" (the limit is {LOSS_LIMIT_FACTOR} x ln(classes); --max-loss sets it)" if "limit" in reason else ""
+        limit = f" (the limit is {LOSS_LIMIT_FACTOR} x ln(classes); --max-loss sets it)" if "limit" in reason and self.config.max_loss is None else ""
         raise RunError(f"{reason} in epoch {epoch + 1}{limit}; training stopped, {kept}; lower --lr or raise --warmup-epochs and start a new run") from None
 
     def _interrupted(self, epoch: int):

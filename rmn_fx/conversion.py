@@ -24,11 +24,11 @@ from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
 from rmn_fx.passes.route import RouteStages
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
-from .nn.attention import ConditionalAttention
 from .errors import ConversionError, OptionError, RMNError
 from .measure import count_params, flop_counts, free_memory, relative_error
-from .nn.modes import training_mode
 from .models import create_model, default_input_size
+from .nn.attention import ConditionalAttention
+from .nn.modes import training_mode
 from .nn.routed_stage import routed_stages
 from .tracing import trace
 

@@ -15,10 +15,10 @@ import json
 import torch
 from torch import fx, nn
 
+from .conversion import transform
 from .errors import ModelFileError, UntrustedCodeError
 from .files import atomic_write, read_torch_file
 from .models import is_factory, state_dict_mismatch
-from .conversion import transform
 
 FORMAT = "rmn-fx"
 FORMAT_VERSION = 1

@@ -1,13 +1,38 @@
-"""Shared test helpers: routing control and the parameter/FLOP accounting of the method."""
+"""Shared test helpers: the console script, routing control and the parameter/FLOP
+accounting of the method."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from rmn_fx.measure import relative_error as max_relative_error  # noqa: F401 - re-exported for tests
-from rmn_fx.measure import spread_routes  # noqa: F401 - re-exported for tests
+from rmn_fx.measure import relative_error as max_relative_error
+from rmn_fx.measure import spread_routes
 from rmn_fx.nn.routed_stage import routed_stages
+
+TESTS = Path(__file__).parent
+CONSOLE_SCRIPT = Path(sys.executable).with_name("rmn-fx")  # the venv's, as a user runs it
+CONSOLE_ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}  # tiny_models importable
+
+
+def console(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`rmn-fx ARGS...` in a fresh process."""
+    return subprocess.run([str(CONSOLE_SCRIPT), *args], capture_output=True, text=True, env=CONSOLE_ENV, timeout=timeout)
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    """Exit code 2 and one line `rmn-fx: error: ...` holding every needle, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("rmn-fx: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 def record_routes(gm: nn.Module) -> tuple[list[list[torch.Tensor]], list]:

@@ -10,34 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, console
 
 import rmn_fx
+import rmn_fx.measure
 from rmn_fx.cli import main
 
-TESTS = Path(__file__).parent
 TINY = "tiny_models:tiny_cnn"
 
 
-@pytest.fixture(autouse=True)
-def tiny_models_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
-
-
 def run_cli(*args) -> tuple[int, str, str]:
-    """The installed console script in a fresh process (what a user runs)."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    script = Path(sys.executable).with_name("rmn-fx")  # the venv's console script
-    proc = subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=600)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rmn-fx: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    done = console(*args)
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_convert_and_inspect_from_the_console_script(tmp_path):
@@ -61,7 +45,7 @@ def test_inspect_json_output(capsys):
     assert sum(row["flops_share"] for row in report["parts"]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("command", [[], ["convert"], ["inspect"]])
+@pytest.mark.parametrize("command", [[], ["convert"], ["inspect"], ["train"], ["eval"], ["report"]])
 def test_every_command_has_help(command, capsys):
     assert main([*command, "--help"]) == 0
     assert "Usage:" in capsys.readouterr().out
@@ -82,6 +66,9 @@ def cli_error(args, tmp_path, capsys, *needles):
         (["convert", "timm:not_a_net"], ["unknown model 'not_a_net'"]),
         (["convert", "no_such_module:factory"], ["cannot import model factory"]),
         (["convert", "tiny_models:not_a_module"], ["not an nn.Module"]),
+        (["convert", "tiny_models:raising"], ["'tiny_models:raising' raised ValueError: width must be positive"]),
+        (["convert", TINY, "--memory-momentum", "1.5"], ["--memory-momentum", "rmn-fx convert --help"]),
+        (["convert", TINY, "--input-size", "32", "--branches", "2000000"], ["2000000 branches", "GiB", "fewer branches"]),
         (["convert", TINY, "--branches", "0"], ["--branches", "0"]),
         (["convert", TINY, "--branches", "-3"], ["--branches"]),
         (["convert", TINY, "--branches", "two"], ["--branches", "two"]),
@@ -156,3 +143,24 @@ def test_console_script_errors_have_no_traceback(tmp_path):
 def test_python_dash_m_runs_the_cli():
     proc = subprocess.run([sys.executable, "-m", "rmn_fx", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "convert" in proc.stdout
+
+
+def test_the_command_line_loads_no_torch_until_a_command_needs_it():
+    """`rmn-fx --version` and `--help` answer at once: importing the CLI imports click only."""
+    code = "import sys, rmn_fx, rmn_fx.cli; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    version = subprocess.run([sys.executable, "-m", "rmn_fx", "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and "0.1.0" in version.stdout
+
+
+def test_convert_counts_the_base_parameters_its_forward_uses(tmp_path, capsys):
+    """GoogLeNet's auxiliary heads are not in the eval-mode graph: the base count leaves them out."""
+    assert main(["convert", "googlenet", "--input-size", "64", "-b", "2", "--no-attention", "-o", str(tmp_path / "g.pt")]) == 0
+    out = capsys.readouterr().out
+    import torchvision
+
+    net = torchvision.models.googlenet(weights=None, init_weights=False)
+    used = rmn_fx.measure.count_params(rmn_fx.trace(net))
+    assert used < rmn_fx.measure.count_params(net)
+    assert f"parameters: {used:,} ->" in out and "leaves" in out

@@ -3,6 +3,8 @@ and the small-image pass (on generated backbones and real ones)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from backbones import backbones
@@ -18,13 +20,8 @@ from rmn_fx.errors import StageError
 from rmn_fx.nn.routed_stage import routed_stages
 
 
-def converted(branches=4, attention=True):
-    torch.manual_seed(0)
-    return rmn_fx.transform("resnet18", branches=branches, attention=attention, num_classes=4, input_size=(3, 32, 32))
-
-
-def test_stem_phase_runs_procedure_zero_only_and_leaves_memories():
-    gm = converted().train()
+def test_stem_phase_runs_procedure_zero_only_and_leaves_memories(converted):
+    gm = converted(branches=4).train()
     for stage in routed_stages(gm):
         stage.router.memory.normal_()  # memories that would spread the batch
     before = [s.router.memory.clone() for s in routed_stages(gm)]
@@ -38,8 +35,8 @@ def test_stem_phase_runs_procedure_zero_only_and_leaves_memories():
     assert all(torch.equal(a, s.router.memory) for a, s in zip(before, routed_stages(gm)))
 
 
-def test_stem_phase_attention_sees_random_routes_in_training_and_their_mean_in_eval():
-    gm = converted()
+def test_stem_phase_attention_sees_random_routes_in_training_and_their_mean_in_eval(converted):
+    gm = converted(branches=4)
     set_phase(gm, "stem")
     for stage in routed_stages(gm):
         torch.nn.init.normal_(stage.attention.excite.weight)  # an attention that reads the code
@@ -64,7 +61,7 @@ def test_lr_curve_warms_up_linearly_then_decays_by_cosine():
 
 
 @pytest.mark.parametrize("revive", [True, False])
-def test_a_procedure_without_samples_for_the_window_is_dead_and_revived(revive):
+def test_a_procedure_without_samples_for_the_window_is_dead_and_revived(revive, converted):
     gm = converted(branches=3, attention=False).train()
     optimizer = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
     stage = routed_stages(gm)[0]
@@ -143,7 +140,6 @@ def test_cifar_and_image_folders_load_from_local_files(tmp_path, monkeypatch):
 
 def test_tiny_imagenet_val_annotations_give_the_test_labels(tmp_path):
     from PIL import Image
-
     from rmn_fx.recipes.data import DataError
 
     root = tmp_path / "tiny-imagenet-200"
@@ -216,3 +212,74 @@ def test_every_procedure_dispatch_runs_idle_procedures_on_empty_batches_with_the
     together = dispatch(x, route, procedures, every_procedure=True)
     assert sizes == [3, 0, 2]
     assert torch.equal(together, dispatch(x, route, procedures))
+
+
+@pytest.mark.parametrize(
+    "recipe, model, branches, overrides, optimizer, lr, rule",
+    [
+        ("quick", "efficientnet_b0", 8, {}, "sgd", 0.05, "0.05 * batch 128 / 128"),  # SGD for every model
+        ("quick", "resnet18", 8, {"batch_size": 256}, "sgd", 0.1, "0.05 * batch 256 / 128"),  # follows the batch
+        ("paper-imagenet", "resnet50", 8, {}, "sgd", 0.48, "0.48 * batch 1024 / 1024"),
+        ("paper-imagenet", "resnet50", 4, {}, "sgd", 0.24, "0.48 * batch 512 / 1024"),
+        ("paper-imagenet", "efficientnet_b0", 4, {}, "rmsprop", 0.032, "0.016 * batch 512 / 256"),
+        ("paper-imagenet", "efficientnet_b0", 4, {"batch_size": 128}, "rmsprop", 0.008, "0.016 * batch 128 / 256"),
+        ("paper-imagenet", "efficientnet_b0", 4, {"optimizer": "sgd"}, "sgd", 0.24, "sgd at 0.48 * batch 512"),
+        ("quick", "resnet18", 8, {"lr": 0.3}, "sgd", 0.3, "given with --lr"),
+    ],
+)
+def test_every_preset_derives_its_lr_from_the_actual_batch_and_says_how(recipe, model, branches, overrides, optimizer, lr, rule):
+    from rmn_fx.recipes.presets import resolve
+
+    given = {"data": "digits", **overrides}
+    values = resolve(recipe, model, branches, given)
+    assert values["optimizer"] == optimizer
+    assert values["lr"] == pytest.approx(lr)
+    assert rule in values["lr_rule"]
+
+
+def test_run_config_round_trips_and_refuses_unknown_settings(tmp_path):
+    from rmn_fx.recipes.config import RunConfig, RunError
+
+    config = RunConfig.create("quick", "resnet18", 4, {"epochs": 2, "stem_epochs": 1}, {"routed": [2, 3], "stages": None})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert RunConfig.read(str(path)) == config
+    path.write_text(json.dumps({**config.to_dict(), "learning_rate": 1}))
+    with pytest.raises(RunError, match="learning_rate"):
+        RunConfig.read(str(path))
+
+
+def test_an_exploding_but_finite_loss_stops_training():
+    """A loss that stays finite while it grows (the RMSprop failure) stops like a NaN."""
+    from rmn_fx.recipes import DivergenceError, StepContext, train_epoch
+    from rmn_fx.recipes.loop import LOSS_WINDOW
+
+    model = torch.nn.Linear(4, 3)
+    growing = iter(range(1, 100))
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(LOSS_WINDOW + 5)]
+    loss = lambda logits, labels: torch.nn.functional.cross_entropy(logits, labels) * 0 + float(next(growing))
+    with pytest.raises(DivergenceError, match="exploded"):
+        train_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.0), StepContext(max_loss=LOSS_WINDOW / 2 + 1), loss_fn=loss)
+
+
+def test_every_step_draws_from_its_own_seed():
+    """Random draws inside a step depend on (seed, step, rank) only: what makes resume exact."""
+    from rmn_fx.recipes import StepContext, train_epoch
+
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.draws = torch.nn.Linear(4, 3), []
+
+        def forward(self, x):
+            self.draws.append(torch.rand(1).item())
+            return self.linear(x)
+
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+    runs = []
+    for start in (0, 2):
+        model = Noisy()
+        torch.manual_seed(123 + start)  # whatever the global RNG held before
+        train_epoch(model, data[start:], torch.optim.SGD(model.parameters(), lr=0.0), StepContext(seed=5), first_step=start)
+        runs.append(model.draws)
+    assert runs[1] == runs[0][2:]

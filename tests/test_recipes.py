@@ -12,14 +12,8 @@ from rmn_fx.recipes import (
 )
 from sklearn.cluster import KMeans
 
-import rmn_fx
 from rmn_fx.measure import spread_routes
 from rmn_fx.nn.routed_stage import routed_stages
-
-
-def converted(branches=3, attention=True):
-    torch.manual_seed(0)
-    return rmn_fx.transform("resnet18", branches=branches, attention=attention, num_classes=4, input_size=(3, 32, 32))
 
 
 def batches(n=4, size=8, seed=0):
@@ -31,7 +25,7 @@ def batches(n=4, size=8, seed=0):
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-5),
     lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9),
 ])
-def test_cloning_copies_procedure_zero_and_its_optimizer_state(make_optimizer):
+def test_cloning_copies_procedure_zero_and_its_optimizer_state(make_optimizer, converted):
     gm = converted().train()
     optimizer = make_optimizer(gm.parameters())
     for x, y in batches(2):  # stem phase: memories at zero, every sample through procedure 0
@@ -53,7 +47,7 @@ def test_cloning_copies_procedure_zero_and_its_optimizer_state(make_optimizer):
                 assert torch.equal(buffer, src), name
 
 
-def test_after_cloning_any_routing_computes_the_same_function():
+def test_after_cloning_any_routing_computes_the_same_function(converted):
     gm = converted(attention=False).train()  # trained attention reads the route code, so it is left out
     optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
     x, y = batches(1)[0]
@@ -67,7 +61,7 @@ def test_after_cloning_any_routing_computes_the_same_function():
         assert torch.allclose(gm(x), before, rtol=1e-5, atol=1e-6)
 
 
-def test_memories_are_the_kmeans_centres_of_the_stage_keys():
+def test_memories_are_the_kmeans_centres_of_the_stage_keys(converted):
     gm = converted(branches=4)
     data = batches(4)
     init_memories(gm, data, seed=3)
@@ -83,12 +77,12 @@ def test_memories_are_the_kmeans_centres_of_the_stage_keys():
     assert all(len(set(r.tolist())) > 1 for r in routes)  # the batch spreads over procedures
 
 
-def test_sample_cap_limits_the_keys():
+def test_sample_cap_limits_the_keys(converted):
     gm = converted()
     assert all(k.shape[0] == 12 for k in collect_keys(gm, batches(4), max_samples=12))
 
 
-def test_kmeans_needs_as_many_samples_as_procedures():
+def test_kmeans_needs_as_many_samples_as_procedures(converted):
     gm = converted(branches=8)
     with pytest.raises(MemoryInitError, match="at least 8 distinct samples"):
         init_memories(gm, batches(1, size=5))

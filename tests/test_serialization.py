@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +114,78 @@ def test_save_refuses_missing_directories_and_foreign_modules(saved, tmp_path):
         rmn_fx.save(saved[0], str(tmp_path / "missing" / "m.pt"))
     with pytest.raises(ModelFileError, match="not made by rmn_fx.transform"):
         rmn_fx.save(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), str(tmp_path / "m.pt"))
+
+
+def crafted(path, source, tmp_path):
+    """A valid rmn-fx file whose stored source names other code."""
+    payload = torch.load(path, weights_only=True)
+    config = json.loads(payload["config"])
+    config["source"] = {"model": source, "num_classes": None}
+    target = tmp_path / f"crafted-{source.replace(':', '-')}.pt"
+    torch.save({**payload, "config": json.dumps(config)}, target)
+    return target
+
+
+@pytest.mark.parametrize("source", ["os:abort", "tempfile:mkdtemp", "shutil:rmtree"])
+def test_a_model_file_never_runs_the_code_it_names(saved, tmp_path, source):
+    """Loading a crafted file neither imports nor calls its factory (os.abort would kill the
+    process, mkdtemp would leave a folder): one line says how to opt in. Run in a fresh
+    process, in an empty temporary directory, so that any effect would show."""
+    target = crafted(saved[2], source, tmp_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    code = (
+        "import sys, rmn_fx\n"
+        "try:\n    rmn_fx.load(sys.argv[1])\n"
+        "except rmn_fx.UntrustedCodeError as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert source in done.stdout and "trust_factory=True" in done.stdout and "model=" in done.stdout
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_model_file_does_not_import_the_module_it_names(saved, tmp_path):
+    target = crafted(saved[2], "tiny_models:tiny_cnn", tmp_path)
+    check = "import sys, rmn_fx\ntry:\n    rmn_fx.load(sys.argv[1])\nexcept rmn_fx.UntrustedCodeError:\n    print('tiny_models' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([sys.executable, "-c", check, str(target)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_eval_refuses_a_file_that_names_code(saved, tmp_path):
+    target = crafted(saved[2], "os:abort", tmp_path)
+    script = Path(sys.executable).with_name("rmn-fx")
+    done = subprocess.run([str(script), "eval", str(target)], capture_output=True, text=True, timeout=600)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "--trust-factory" in lines[0] and "os:abort" in lines[0], done.stderr
+
+
+def test_a_trusted_factory_file_and_a_given_model_load(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import tiny_models
+
+    gm = rmn_fx.transform("tiny_models:tiny_cnn", branches=2, input_size=(3, 32, 32))
+    rmn_fx.save(gm, str(tmp_path / "tiny.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = gm.eval()(x)
+        assert torch.equal(rmn_fx.load(str(tmp_path / "tiny.pt"), trust_factory=True)(x), want)
+        assert torch.equal(rmn_fx.load(str(tmp_path / "tiny.pt"), model=tiny_models.tiny_cnn())(x), want)
+
+
+def test_loading_with_a_mismatching_model_names_the_keys(saved):
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.Conv2d(8, 8, 3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 8, 3))
+    with pytest.raises(rmn_fx.RMNError) as info:
+        rmn_fx.load(str(saved[2]), model=other)
+    assert "\n" not in str(info.value)
+    # another architecture: either its stages differ from the file's, or its keys are named
+    assert "stages" in str(info.value) or "missing" in str(info.value)
+    payload = torch.load(saved[2], weights_only=True)
+    payload["state_dict"]["stem.extra"] = torch.zeros(1)
+    payload["state_dict"].pop("stem.conv1.weight")
+    target = saved[2].with_name("extra.pt")
+    torch.save(payload, target)
+    with pytest.raises(ModelFileError, match=r"1 missing \(stem.conv1.weight\), 1 unexpected \(stem.extra\)"):
+        rmn_fx.load(str(target))

@@ -4,7 +4,6 @@ results, data-parallel training on 2 CPU processes, eval and report, and bad inp
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,18 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONSOLE_ENV, CONSOLE_SCRIPT, assert_one_line_error, console
 
 import rmn_fx
 
-TESTS = Path(__file__).parent
-SCRIPT = Path(sys.executable).with_name("rmn-fx")
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
 TINY = "tiny_models:tiny_cnn"
 TRAIN = ["train", TINY, "-b", "3", "--epochs", "3", "--stem-epochs", "1", "--batch-size", "64", "--lr", "0.05"]
 
 
-def cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+cli = console
 
 
 def metrics(run: Path) -> list[dict]:
@@ -60,25 +56,26 @@ def test_run_directory_holds_config_metrics_checkpoint_and_a_loadable_model(fini
         assert len(row["stages"]) == 3
         assert all(sum(s["train_samples_per_procedure"]) == 5752 // 64 * 64 for s in row["stages"])
     assert (finished_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,phase,lr")
-    import tiny_models  # noqa: F401 - the model factory, found through PYTHONPATH in the subprocess
+    import tiny_models
 
-    gm = rmn_fx.load(str(finished_run / "model.pt"))
+    gm = rmn_fx.load(str(finished_run / "model.pt"), trust_factory=True)
     assert gm.meta["rmn_fx"]["branches"] == 3
     evaluation = json.loads((finished_run / "evaluation.json").read_text())
     assert evaluation["accuracy"] == rows[-1]["test_accuracy"]
-    assert evaluation["accuracy"] > 0.3  # ten classes: training did something
+    assert evaluation["accuracy"] > 0.3 and not evaluation["at_chance"]  # ten classes: training did something
+    assert config["lr_rule"] == "0.05 (given with --lr)"
 
 
 def test_resume_after_a_kill_mid_epoch_gives_the_uninterrupted_result(finished_run, tmp_path):
     run = tmp_path / "killed"
-    proc = subprocess.Popen([str(SCRIPT), *TRAIN, "-o", str(run)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([str(CONSOLE_SCRIPT), *TRAIN, "-o", str(run)], env=CONSOLE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while len(metrics(run)) < 2 and proc.poll() is None:  # epoch 2 (the first routed one) is done
         time.sleep(0.05)
     time.sleep(0.5)  # into epoch 3
     proc.kill()
     proc.wait()
     assert len(metrics(run)) == 2 and not (run / "model.pt").exists()
-    done = cli("train", "--resume", str(run))
+    done = cli("train", "--resume", str(run), "--trust-factory")
     assert done.returncode == 0, done.stderr
     assert metrics(run) == [{**r, "seconds": m["seconds"]} for r, m in zip(metrics(finished_run), metrics(run))]
     assert_same_state(state(run), state(finished_run))
@@ -86,7 +83,7 @@ def test_resume_after_a_kill_mid_epoch_gives_the_uninterrupted_result(finished_r
 
 def test_ctrl_c_saves_a_mid_epoch_checkpoint_and_resume_is_exact(finished_run, tmp_path):
     run = tmp_path / "interrupted"
-    proc = subprocess.Popen([str(SCRIPT), *TRAIN, "-o", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(CONSOLE_SCRIPT), *TRAIN, "-o", str(run)], env=CONSOLE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while len(metrics(run)) < 1 and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(1.0)
@@ -96,23 +93,74 @@ def test_ctrl_c_saves_a_mid_epoch_checkpoint_and_resume_is_exact(finished_run, t
     assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["progress"]["batch"] > 0  # stopped inside an epoch
-    done = cli("train", "--resume", str(run))
+    done = cli("train", "--resume", str(run), "--trust-factory")
     assert done.returncode == 0, done.stderr
     assert_same_state(state(run), state(finished_run))
 
 
+def test_sigterm_in_the_stem_phase_saves_a_checkpoint_and_resume_is_exact_with_attention(finished_run, tmp_path):
+    """What Slurm, Kubernetes and `timeout` send: like Ctrl-C, in the stem epoch, where
+    Conditional Attention draws random routes (the draws are seeded per step)."""
+    run = tmp_path / "terminated"
+    proc = subprocess.Popen([str(CONSOLE_SCRIPT), *TRAIN, "-o", str(run)], env=CONSOLE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run / "config.json").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(2.0)  # into the first (stem) epoch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "checkpoint saved" in err and "Traceback" not in err
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["progress"]["epoch"] == 0 and checkpoint["progress"]["batch"] > 0
+    done = cli("train", "--resume", str(run), "--trust-factory")
+    assert done.returncode == 0, done.stderr
+    assert metrics(run) == [{**r, "seconds": m["seconds"]} for r, m in zip(metrics(finished_run), metrics(run))]
+    assert_same_state(state(run), state(finished_run))
+
+
+def test_a_run_directory_without_a_checkpoint_can_be_started_again(finished_run, tmp_path):
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "config.json").write_text((finished_run / "config.json").read_text())  # killed before its first checkpoint
+    done = cli("train", "--resume", str(run), "--trust-factory")
+    assert done.returncode == 0, done.stderr
+    assert_same_state(state(run), state(finished_run))
+
+
+def test_resume_of_a_finished_run_prints_the_result_and_rewrites_nothing(finished_run):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()}
+    done = cli("train", "--resume", str(finished_run), "--trust-factory")
+    assert done.returncode == 0, done.stderr
+    accuracy = json.loads((finished_run / "evaluation.json").read_text())["accuracy"]
+    assert "has finished" in done.stdout and f"{accuracy:.4f}" in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()} == before
+
+
+def test_resuming_a_run_of_a_factory_needs_the_opt_in(finished_run, tmp_path):
+    run = tmp_path / "untrusted"
+    run.mkdir()
+    (run / "config.json").write_text((finished_run / "config.json").read_text())
+    one_line_error(cli("train", "--resume", str(run)), "tiny_models:tiny_cnn", "--trust-factory")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
 def test_eval_and_report_read_the_run(finished_run):
-    done = cli("eval", str(finished_run / "model.pt"), "--data", "digits", "--json", str(finished_run / "eval.json"))
+    done = cli("eval", str(finished_run / "model.pt"), "--data", "digits", "-o", str(finished_run / "eval.json"), "--trust-factory")
     assert done.returncode == 0, done.stderr
     report = json.loads((finished_run / "eval.json").read_text())
     assert report["accuracy"] == json.loads((finished_run / "evaluation.json").read_text())["accuracy"]
     assert len(report["stages"]) == 3 and all(0 <= s["nmi_context"] <= 1 for s in report["stages"])
     assert "NMI context" in done.stdout
+    printed = cli("eval", str(finished_run / "model.pt"), "--json", "--trust-factory")
+    assert json.loads(printed.stdout)["accuracy"] == report["accuracy"]
     done = cli("report", str(finished_run))
     assert done.returncode == 0, done.stderr
-    for name in ("curves.png", "load.png", "routes.png", "summary.md"):
-        data = (finished_run / "report" / name).read_bytes()
-        assert data.startswith(b"\x89PNG") if name.endswith(".png") else b"| epoch |" in data
+    for name in ("curves.png", "load.png", "routes.png"):
+        assert (finished_run / "report" / name).read_bytes().startswith(b"\x89PNG")
+    summary = (finished_run / "report" / "summary.md").read_text()
+    for needle in (f"# {TINY}", "N = 3 + Conditional Attention", "recipe: quick", "data: digits", "| epoch |", "NMI context"):
+        assert needle in summary
+    assert "WARNING" not in summary
 
 
 def test_mixed_precision_runs_the_same_recipe_in_bfloat16_on_cpu(finished_run, tmp_path):
@@ -126,7 +174,7 @@ def test_mixed_precision_runs_the_same_recipe_in_bfloat16_on_cpu(finished_run, t
     assert mixed[0]["train_loss"] == pytest.approx(full[0]["train_loss"], rel=5e-2)
     assert mixed[-1]["test_accuracy"] > 0.3  # ten classes: it learned
     assert all(v.dtype != torch.bfloat16 for v in state(run).values())
-    rmn_fx.load(str(run / "model.pt"))
+    rmn_fx.load(str(run / "model.pt"), trust_factory=True)
 
 
 def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
@@ -136,7 +184,7 @@ def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
     single = cli("train", *args, "-o", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rmn_fx"]
-    ddp = subprocess.run([*launcher, "train", *args, "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=ENV, timeout=600)
+    ddp = subprocess.run([*launcher, "train", *args, "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=CONSOLE_ENV, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     assert len(two) == 2 and two[1]["memory_spread_across_ranks"] == 0.0
@@ -148,15 +196,12 @@ def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
 
 
 def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("rmn-fx: error: "), done.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return assert_one_line_error(done.returncode, done.stderr, *needles)
 
 
 def test_resume_refuses_another_model_branch_count_or_option(finished_run):
     one_line_error(cli("train", "resnet18", "--resume", str(finished_run)), "model", "resnet18")
+    one_line_error(cli("train", "--resume", str(finished_run), "--input-size", "48"), "input_size")
     one_line_error(cli("train", "--resume", str(finished_run), "-b", "4"), "branches")
     one_line_error(cli("train", "--resume", str(finished_run), "--data", "cifar10:/nowhere"), "data")
     one_line_error(cli("train", "--resume", str(finished_run), "--lr", "0.3"), "--lr", "cannot change")
@@ -175,6 +220,47 @@ def test_bad_data_and_run_directories_fail_before_training(tmp_path):
     one_line_error(cli(*TRAIN, "-o", str(tmp_path / "a-file" / "run")), "cannot create run directory")
     for name in "abcd":
         assert not (tmp_path / name).exists()
+
+
+def test_options_that_could_only_fail_later_are_refused_at_start(tmp_path):
+    one_line_error(cli(*TRAIN, "--kmeans-samples", "2", "-o", str(tmp_path / "a")), "--kmeans-samples 2", "branch count 3")
+    one_line_error(cli("train", "resnet18", "-b", "5000", "-o", str(tmp_path / "b")), "5000 branches", "GiB", "fewer branches")
+    one_line_error(cli(*TRAIN, "--input-size", "3,32,48", "-o", str(tmp_path / "c")), "square")
+    one_line_error(cli(*TRAIN, "--epochs", "x", "-o", str(tmp_path / "d")), "--epochs", "rmn-fx train --help")
+    assert not [p for p in tmp_path.iterdir()]
+
+
+def test_a_finite_loss_explosion_stops_the_run_and_names_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "exploded"
+    done = cli(*TRAIN, "--max-loss", "2.0", "-o", str(run))  # tiny_cnn starts near ln 10 = 2.3
+    one_line_error(done, "loss exploded", "limit 2", "no epoch had finished", "--lr")
+    assert not (run / "model.pt").exists()
+
+
+def test_a_run_that_ends_at_chance_fails_and_its_report_says_so(tmp_path):
+    run = tmp_path / "chance"
+    done = cli(*TRAIN, "--lr", "1e-9", "--lr-start", "1e-9", "--lr-end", "1e-9", "--epochs", "2", "-o", str(run))
+    assert done.returncode == 1 and "at chance" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert json.loads((run / "evaluation.json").read_text())["at_chance"] is True
+    done = cli("report", str(run))
+    assert done.returncode == 0 and "WARNING" in (run / "report" / "summary.md").read_text()
+
+
+def test_train_takes_the_conversion_options(tmp_path):
+    """--stages, --routed, --input-size and --weights (a fine-tune: the classifier of
+    another class count keeps its initialisation) reach the converted model."""
+    import tiny_models
+
+    weights = tmp_path / "w.pt"
+    torch.save(tiny_models.tiny_cnn(num_classes=7).state_dict(), weights)
+    run = tmp_path / "options"
+    args = ["train", TINY, "-b", "2", "--epochs", "2", "--stem-epochs", "1", "--batch-size", "64", "--lr", "0.05"]
+    done = cli(*args, "--stages", "1:1,2:3", "--routed", "2", "--input-size", "24", "--weights", str(weights), "-o", str(run))
+    assert done.returncode == 0, done.stderr
+    assert "6.weight, 6.bias keep their random initialisation" in done.stdout
+    gm = rmn_fx.load(str(run / "model.pt"), trust_factory=True)
+    assert gm.meta["rmn_fx"]["routed"] == [2] and gm.meta["rmn_fx"]["input_size"] == [3, 24, 24]
+    assert gm.meta["rmn_fx"]["stages"] == [["1", "1"], ["2", "3"]]
 
 
 def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path):

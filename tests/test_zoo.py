@@ -7,17 +7,13 @@ torchvision classification model and the timm architectures of benchmarks/zoo.py
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 
 import rmn_fx
 from rmn_fx.models import torchvision_names
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from zoo import TIMM_MODELS, check
+from rmn_fx.zoo import TIMM_MODELS, check
 
 PAPER = {  # N = 8 with attention, 224x224, ImageNet classes (rmn-method.md)
     "resnet18": 89.9e6,

@@ -62,3 +62,8 @@ def fixed_size(num_classes: int = 10) -> nn.Module:
 
 def not_a_module():
     return torch.zeros(1)
+
+
+def raising(num_classes: int = 10) -> nn.Module:
+    """A factory with a bug: building the model fails."""
+    raise ValueError("width must be positive")

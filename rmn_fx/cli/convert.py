@@ -30,11 +30,11 @@ def convert(model, weights, input_size, stages, remove_downsamplings, num_classe
     Example:
       rmn-fx convert resnet50 --branches 4 -o model.pt
     """
+    from rmn_fx.conversion import transform
     from rmn_fx.files import check_writable
     from rmn_fx.measure import count_params
     from rmn_fx.serialization import save
     from rmn_fx.tracing import trace
-    from rmn_fx.conversion import transform
 
     check_writable(output)
     net = build(model, num_classes, weights)

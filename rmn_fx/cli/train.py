@@ -104,8 +104,7 @@ def train(ctx, model, branches, recipe, trust_factory, run_dir, resume_dir, **op
     config = RunConfig.create(recipe, model, branches, overrides, options)
     click.echo(
         f"{model}: {branches} procedures{' + attention' if config.attention else ''}, recipe {recipe} on {config.data}, "
-        f"{config.epochs} epochs ({config.stem_epochs} stem), batch {config.batch_size}, lr {config.lr_rule}",
-        err=True,
+        f"{config.epochs} epochs ({config.stem_epochs} stem), batch {config.batch_size}, lr {config.lr_rule}"
     )
     _finish(run_training(config, run_dir), run_dir)
 

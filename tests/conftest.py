@@ -1,0 +1,19 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rmn_fx
+
+
+@pytest.fixture
+def converted():
+    """Build a converted ResNet-18 for 4 classes at 32x32 (seeded): the recipes' test model."""
+
+    def build(branches: int = 3, attention: bool = True):
+        torch.manual_seed(0)
+        return rmn_fx.transform("resnet18", branches=branches, attention=attention, num_classes=4, input_size=(3, 32, 32))
+
+    return build
