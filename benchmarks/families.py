@@ -13,18 +13,18 @@ OUT.csv and prints a Markdown table; exits 1 if any family ends at chance.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
 import tempfile
 
 import timm
+from results import write_rows  # benchmarks/results.py, beside this script
+from rmn_fx.recipes.config import RunConfig
+from rmn_fx.recipes.trainer import train
 from torch import nn
 
 from rmn_fx.errors import RMNError
-from rmn_fx.recipes.config import RunConfig
-from rmn_fx.recipes.trainer import train
 
 VIT_STAGES = "blocks.0:blocks.5,blocks.6:blocks.11"
 FAMILIES = {  # family -> (model, conversion settings)
@@ -72,13 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         rows = [run_one(family, args, folder) for family in args.families]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(args.output + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list({k: None for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.output, rows)
     print("| family | model | N | epochs | test accuracy | chance | train loss first -> last | result |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -13,13 +13,11 @@ split over all N procedures (right after conversion every sample would take proc
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import statistics
 import time
 
 import torch
+from results import write_rows  # benchmarks/results.py, beside this script
 from tqdm import tqdm
 
 import rmn_fx
@@ -74,13 +72,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", default="out/perf", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
     rows = [measure(n, args.branches, args.repeats, args.batch) for n in tqdm(args.models, desc="models", disable=None)]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(args.output + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.output, rows)
     b = args.batch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.branches}, attention on, 224x224")
     print(f"| model | convert (s) | multiply-adds/sample base -> RMN | FLOPs ratio | latency b1 base / RMN (ms) | ratio b1 | latency b{b} base / RMN (ms) | ratio b{b} |")

@@ -16,15 +16,17 @@ batch 128. Writes OUT.json and OUT.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
 import tempfile
 
-from rmn_fx.recipes.presets import resolve
-from rmn_fx.recipes.run import Trainer
+import torch
+from results import write_rows  # benchmarks/results.py, beside this script
+from rmn_fx.recipes.config import RunConfig
+from rmn_fx.recipes.trainer import train
 
+import rmn_fx
 from rmn_fx.measure import flop_counts
 
 CONFIGS = {
@@ -39,15 +41,14 @@ def run_one(model: str, name: str, seed: int, args, folder: str) -> dict:
     settings = CONFIGS[name]
     branches = settings.get("branches", args.branches)
     overrides = {"epochs": args.epochs, "stem_epochs": args.stem_epochs}
-    config = {
-        **resolve("quick", model, branches, overrides),
-        "attention": settings["attention"], "seed": seed, "device": "cpu", "amp": False, "workers": 0,
-        "dead_window": args.dead_window, "revive": settings["revive"], "kmeans_samples": None, "sync_bn": False,
-    }
-    trainer = Trainer(config, os.path.join(folder, f"{name}-{seed}"))
-    evaluation = trainer.run()
-    sample = trainer.data.test[0][0].unsqueeze(0)
-    flops, _ = flop_counts(trainer.model.eval(), sample)
+    machine = {"seed": seed, "device": "cpu", "amp": False, "dead_window": args.dead_window}
+    config = RunConfig.create("quick", model, branches, overrides, {"attention": settings["attention"], "revive": settings["revive"], **machine})
+    run = os.path.join(folder, f"{name}-{seed}")
+    evaluation = train(config, run)
+    trained = rmn_fx.load(os.path.join(run, "model.pt"))
+    flops, _ = flop_counts(trained, torch.zeros(1, *config.input_size))
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
     stages = evaluation["stages"]
     return {
         "config": name,
@@ -58,8 +59,8 @@ def run_one(model: str, name: str, seed: int, args, folder: str) -> dict:
         "params": evaluation["params"],
         "nmi_context": statistics.mean(s["nmi_context"] for s in stages) if branches > 1 else None,
         "nmi_class": statistics.mean(s["nmi_class"] for s in stages) if branches > 1 else None,
-        "dead_at_end": sum(len(d) for d in trainer.monitor.dead()) if trainer.monitor else 0,
-        "revived": trainer.monitor.revived if trainer.monitor else 0,
+        "dead_at_end": last.get("dead_procedures", 0),
+        "revived": last.get("revived_procedures", 0),
         "procedures": branches * len(stages) if branches > 1 else 0,
     }
 
@@ -110,13 +111,7 @@ def main() -> None:
             for name in args.configs:
                 print(f"== {name}, seed {seed}", flush=True)
                 rows.append(run_one(args.model, name, seed, args, folder))
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump({"args": vars(args), "runs": rows}, f, indent=2)
-    with open(args.output + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.output, rows, {"args": vars(args)})
     print(table(rows))
     print(f"wrote {args.output}.json and {args.output}.csv")
 

@@ -15,11 +15,9 @@ convert is recorded with its one-line error. Writes CSV and JSON, prints a Markd
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import sys
 
+from results import write_rows  # benchmarks/results.py, beside this script
 from tqdm import tqdm
 
 from rmn_fx.models import torchvision_names
@@ -43,13 +41,7 @@ def main() -> None:
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
     sides = SIDES if args.hub == "torchvision" else None
     rows = [check(prefix + n, args.branches, sides) for n in tqdm(names, desc=f"{args.hub} zoo", disable=None)]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(args.output + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list({k: None for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.output, rows)
     print(f"| model | input | stages | params base -> N={args.branches} | params & FLOPs exact | FLOPs ratio | max rel. error | result |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

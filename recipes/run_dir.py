@@ -33,35 +33,21 @@ CHECKPOINT_VERSION = 2
 
 @dataclass(frozen=True)
 class RunPaths:
+    """The files of a run directory (see the module docstring)."""
+
     root: str
+    config: str
+    metrics: str
+    csv: str
+    checkpoint: str
+    model: str
+    evaluation: str
+    report: str
 
-    @property
-    def config(self) -> str:
-        return os.path.join(self.root, "config.json")
-
-    @property
-    def metrics(self) -> str:
-        return os.path.join(self.root, "metrics.jsonl")
-
-    @property
-    def csv(self) -> str:
-        return os.path.join(self.root, "metrics.csv")
-
-    @property
-    def checkpoint(self) -> str:
-        return os.path.join(self.root, "checkpoints", "last.pt")
-
-    @property
-    def model(self) -> str:
-        return os.path.join(self.root, "model.pt")
-
-    @property
-    def evaluation(self) -> str:
-        return os.path.join(self.root, "evaluation.json")
-
-    @property
-    def report(self) -> str:
-        return os.path.join(self.root, "report")
+    @classmethod
+    def of(cls, root: str) -> RunPaths:
+        names = ("config.json", "metrics.jsonl", "metrics.csv", os.path.join("checkpoints", "last.pt"), "model.pt", "evaluation.json", "report")
+        return cls(root, *(os.path.join(root, name) for name in names))
 
 
 class RunDirectory:
@@ -69,7 +55,7 @@ class RunDirectory:
     can be started again), checkpointed (resumable), finished (evaluation written)."""
 
     def __init__(self, root: str, writer: bool = True) -> None:
-        self.paths = RunPaths(root)
+        self.paths = RunPaths.of(root)
         self.root = root
         self.writer = writer  # the main rank; the others read only
 

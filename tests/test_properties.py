@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rmn_fx
+from rmn_fx.nn.modes import hooks
 from rmn_fx.measure import count_params, flop_counts
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -80,10 +81,9 @@ def test_each_sample_runs_one_procedure_and_backward_reaches_only_those(spec, br
     for stage in routed_stages(gm):
         for p in stage.procedures:
             handles.append(p.register_forward_pre_hook(lambda m, a: ran.__setitem__(id(m), ran.get(id(m), 0) + a[0].shape[0])))
-    gm.train()
-    gm(x).square().sum().backward()
-    for h in handles:
-        h.remove()
+    with hooks(handles):
+        gm.train()
+        gm(x).square().sum().backward()
     for stage, stage_routes in zip(routed_stages(gm), routes):
         route = torch.cat(stage_routes)
         counts = [ran.get(id(p), 0) for p in stage.procedures]

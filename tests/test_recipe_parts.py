@@ -283,3 +283,32 @@ def test_every_step_draws_from_its_own_seed():
         train_epoch(model, data[start:], torch.optim.SGD(model.parameters(), lr=0.0), StepContext(seed=5), first_step=start)
         runs.append(model.draws)
     assert runs[1] == runs[0][2:]
+
+
+def test_progress_prints_plain_lines_when_the_output_is_not_a_terminal(capsys):
+    """Batch jobs (stderr to a file) get periodic plain lines with the live status."""
+    from rmn_fx.recipes.progress import progress
+
+    items = list(progress(range(3), "epoch 1/2", status=lambda: "loss 0.5", every=0.0))
+    assert items == [0, 1, 2]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("epoch 1/2: 3/3") and lines[-1].endswith("loss 0.5")
+    assert list(progress(range(3), None)) == [0, 1, 2] and capsys.readouterr().err == ""
+
+
+def test_routes_plot_shows_classes_and_hidden_contexts():
+    from rmn_fx.recipes.report import plot_routes
+
+    stage = {"nmi_class": 0.1, "nmi_context": 0.7}
+    evaluation = {
+        "classes": ["a", "b"],
+        "contexts": ["plain", "inverted", "rotated"],
+        "routes_by_class": [[[3, 1], [0, 2]]] * 2,
+        "routes_by_context": [[[4, 0, 1], [0, 2, 1]]] * 2,
+        "stages": [stage, stage],
+    }
+    figure = plot_routes(evaluation)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    labels = [ax.get_xlabel() for ax in figure.axes if ax.get_title()]
+    assert titles == ["stage 1, NMI 0.10", "stage 2, NMI 0.10", "stage 1, NMI 0.70", "stage 2, NMI 0.70"]
+    assert labels == ["class", "class", "context", "context"]

@@ -13,6 +13,7 @@ from rmn_fx.recipes import (
 from sklearn.cluster import KMeans
 
 from rmn_fx.measure import spread_routes
+from rmn_fx.nn.modes import hooks
 from rmn_fx.nn.routed_stage import routed_stages
 
 
@@ -69,11 +70,8 @@ def test_memories_are_the_kmeans_centres_of_the_stage_keys(converted):
         centres = KMeans(n_clusters=4, random_state=3, n_init=4).fit(keys.double().numpy()).cluster_centers_
         assert torch.allclose(stage.router.memory, torch.from_numpy(centres).float(), atol=1e-5)
     routes = []
-    handles = [s.router.register_forward_hook(lambda m, a, out: routes.append(out)) for s in routed_stages(gm)]
-    with torch.no_grad():
+    with hooks(s.router.register_forward_hook(lambda m, a, out: routes.append(out)) for s in routed_stages(gm)), torch.no_grad():
         gm.eval()(torch.cat([x for x, _ in data]))
-    for h in handles:
-        h.remove()
     assert all(len(set(r.tolist())) > 1 for r in routes)  # the batch spreads over procedures
 
 

@@ -38,6 +38,15 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(value, b[key]), key
 
 
+def assert_resume_is_exact(run: Path, reference: Path) -> None:
+    """Resuming `run` gives the uninterrupted `reference` run: metrics (but for the time
+    taken) and the trained tensors, bit for bit."""
+    done = cli("train", "--resume", str(run), "--trust-factory")
+    assert done.returncode == 0, done.stderr
+    assert metrics(run) == [{**r, "seconds": m["seconds"]} for r, m in zip(metrics(reference), metrics(run))]
+    assert_same_state(state(run), state(reference))
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """One uninterrupted run: the reference for the resume tests."""
@@ -75,10 +84,7 @@ def test_resume_after_a_kill_mid_epoch_gives_the_uninterrupted_result(finished_r
     proc.kill()
     proc.wait()
     assert len(metrics(run)) == 2 and not (run / "model.pt").exists()
-    done = cli("train", "--resume", str(run), "--trust-factory")
-    assert done.returncode == 0, done.stderr
-    assert metrics(run) == [{**r, "seconds": m["seconds"]} for r, m in zip(metrics(finished_run), metrics(run))]
-    assert_same_state(state(run), state(finished_run))
+    assert_resume_is_exact(run, finished_run)
 
 
 def test_ctrl_c_saves_a_mid_epoch_checkpoint_and_resume_is_exact(finished_run, tmp_path):
@@ -93,9 +99,7 @@ def test_ctrl_c_saves_a_mid_epoch_checkpoint_and_resume_is_exact(finished_run, t
     assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["progress"]["batch"] > 0  # stopped inside an epoch
-    done = cli("train", "--resume", str(run), "--trust-factory")
-    assert done.returncode == 0, done.stderr
-    assert_same_state(state(run), state(finished_run))
+    assert_resume_is_exact(run, finished_run)
 
 
 def test_sigterm_in_the_stem_phase_saves_a_checkpoint_and_resume_is_exact_with_attention(finished_run, tmp_path):
@@ -112,19 +116,14 @@ def test_sigterm_in_the_stem_phase_saves_a_checkpoint_and_resume_is_exact_with_a
     assert "terminated (SIGTERM)" in err and "checkpoint saved" in err and "Traceback" not in err
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["progress"]["epoch"] == 0 and checkpoint["progress"]["batch"] > 0
-    done = cli("train", "--resume", str(run), "--trust-factory")
-    assert done.returncode == 0, done.stderr
-    assert metrics(run) == [{**r, "seconds": m["seconds"]} for r, m in zip(metrics(finished_run), metrics(run))]
-    assert_same_state(state(run), state(finished_run))
+    assert_resume_is_exact(run, finished_run)
 
 
 def test_a_run_directory_without_a_checkpoint_can_be_started_again(finished_run, tmp_path):
     run = tmp_path / "early"
     run.mkdir()
     (run / "config.json").write_text((finished_run / "config.json").read_text())  # killed before its first checkpoint
-    done = cli("train", "--resume", str(run), "--trust-factory")
-    assert done.returncode == 0, done.stderr
-    assert_same_state(state(run), state(finished_run))
+    assert_resume_is_exact(run, finished_run)
 
 
 def test_resume_of_a_finished_run_prints_the_result_and_rewrites_nothing(finished_run):
