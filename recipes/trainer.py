@@ -213,8 +213,6 @@ class Trainer:
         if self.totals.interrupted:
             self._interrupted(epoch)
         summary, counts = self._evaluate(f"test after epoch {epoch + 1}")
-        if self.max_loss is not None and not summary["loss"] <= self.max_loss:
-            self._diverged(f"the test loss exploded to {summary['loss']:.4g}, above the limit {self.max_loss:.4g}", epoch)
         row = epoch_row(self, epoch, start_counts, summary, counts, time.perf_counter() - started)
         self.history.append(row)
         self.progress.update(epoch=epoch + 1, batch=0)

@@ -48,7 +48,7 @@ def _recipe_options(f):
 @click.option("--revive/--no-revive", default=True, show_default=True, help="Revive dead procedures by splitting the busiest one.")
 @click.option("--kmeans-samples", type=click.IntRange(min=1), help="Cap on the keys used by k-means (at least --branches) [default: the whole training set].")
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across processes (torchrun on CUDA), as in the paper.")
-@click.option("--max-loss", type=click.FloatRange(min=0, min_open=True), help="Stop when the loss (mean of 20 steps, or the test loss) exceeds it [default: 10 x ln(classes)].")
+@click.option("--max-loss", type=click.FloatRange(min=0, min_open=True), help="Stop when the training loss (mean of 20 steps) exceeds it [default: 10 x ln(classes)].")
 @trust_factory_option
 @click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory from its last checkpoint.")
