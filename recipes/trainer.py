@@ -91,6 +91,7 @@ class Trainer:
         self.totals = EpochTotals()
         self.history: list[dict] = []
         self.monitor: DeadProcedureMonitor | None = None
+        self.epoch_start_counts: list[torch.Tensor] | None = None  # routers' counters when the epoch began
         self.stop_signal: int | None = None
         self.steps_per_epoch = len(data.train) // config.batch_size
         total = config.epochs * self.steps_per_epoch
@@ -125,6 +126,7 @@ class Trainer:
                 "progress": dict(self.progress),
                 "totals": asdict(self.totals),
                 "monitor": self.monitor.state_dict() if self.monitor else None,
+                "epoch_start_counts": self.epoch_start_counts,
                 "history": self.history,
             }
         )
@@ -145,6 +147,7 @@ class Trainer:
         self.progress = dict(state["progress"])
         self.totals = EpochTotals(**state["totals"])
         self.history = list(state["history"])
+        self.epoch_start_counts = state["epoch_start_counts"]
         if self.progress["memories"]:
             self.monitor = self._new_monitor()
             self.monitor.load_state_dict(state["monitor"])
@@ -202,7 +205,8 @@ class Trainer:
 
     def _train_one_epoch(self, epoch: int) -> None:
         config = self.config
-        start_counts = self._procedure_counts()
+        if self.epoch_start_counts is None:  # a new epoch (not one resumed in its middle)
+            self.epoch_start_counts = self._procedure_counts()
         started = time.perf_counter()
         batches = B.training_batches(self.data.train, config.batch_size, config.seed, epoch, self.group, config.workers, self.device, self.progress["batch"])
         try:
@@ -213,10 +217,11 @@ class Trainer:
         if self.totals.interrupted:
             self._interrupted(epoch)
         summary, counts = self._evaluate(f"test after epoch {epoch + 1}")
-        row = epoch_row(self, epoch, start_counts, summary, counts, time.perf_counter() - started)
+        row = epoch_row(self, epoch, self.epoch_start_counts, summary, counts, time.perf_counter() - started)
         self.history.append(row)
         self.progress.update(epoch=epoch + 1, batch=0)
         self.totals = EpochTotals()
+        self.epoch_start_counts = None
         self._save_checkpoint()
         log(self.group, epoch_line(row))
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rmn_fx.measure import relative_error as max_relative_error
-from rmn_fx.measure import spread_routes
+from rmn_fx.measure import relative_error as max_relative_error  # noqa: F401 - re-exported for tests
+from rmn_fx.measure import spread_routes  # noqa: F401 - re-exported for tests
 from rmn_fx.nn.routed_stage import routed_stages
 
 TESTS = Path(__file__).parent

@@ -65,9 +65,7 @@ def test_run_directory_holds_config_metrics_checkpoint_and_a_loadable_model(fini
         assert len(row["stages"]) == 3
         assert all(sum(s["train_samples_per_procedure"]) == 5752 // 64 * 64 for s in row["stages"])
     assert (finished_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,phase,lr")
-    import tiny_models
-
-    gm = rmn_fx.load(str(finished_run / "model.pt"), trust_factory=True)
+    gm = rmn_fx.load(str(finished_run / "model.pt"), trust_factory=True)  # imports tiny_models from the path
     assert gm.meta["rmn_fx"]["branches"] == 3
     evaluation = json.loads((finished_run / "evaluation.json").read_text())
     assert evaluation["accuracy"] == rows[-1]["test_accuracy"]
