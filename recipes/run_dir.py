@@ -92,6 +92,8 @@ class RunDirectory:
     def check_free_space(self, tensor_bytes: int) -> None:
         """Fail now, not after an hour: room for a checkpoint (model + optimizer state)
         being written next to the last one, plus the final model."""
+        if not self.writer:  # the folder is the main rank's to make and check
+            return
         needed = 5 * tensor_bytes
         free = shutil.disk_usage(self.root).free
         if free < needed:
