@@ -90,8 +90,7 @@ def prepare(model: nn.Module, group: Group, sync_bn: bool = False) -> nn.Module:
     if not group.distributed:
         return model
     for stage in routed_stages(model):
-        stage.router.reducer = group.all_reduce
-        stage.every_procedure = sync_bn
+        stage.share_across_ranks(group.all_reduce, every_procedure=sync_bn)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None

@@ -29,14 +29,16 @@ from .monitor import DeadProcedureMonitor
 from .progress import progress
 from .schedule import set_lr
 
-PHASES = ("stem", "routed")
-
-
 LOSS_WINDOW = 20  # steps over which an exploding loss is judged
 
 
 class DivergenceError(RMNError):
-    """The loss became NaN or infinite, or exploded past the run's limit while finite."""
+    """The loss became NaN or infinite, or exploded past the run's limit while finite
+    (`over_limit`: the run's loss limit, not non-finite arithmetic, stopped it)."""
+
+    def __init__(self, message: str, over_limit: bool = False) -> None:
+        super().__init__(message)
+        self.over_limit = over_limit
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -48,10 +50,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 def set_phase(model: nn.Module, phase: str) -> None:
     """"stem": every sample through procedure 0 (step 1); "routed": route by memory (step 4)."""
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     for stage in routed_stages(model):
-        stage.stem_phase = phase == "stem"
+        stage.set_phase(phase)
 
 
 @dataclass
@@ -156,7 +156,8 @@ def train_epoch(
         totals.record(float(stats[0]), int(stats[1]), int(stats[2]))
         if context.max_loss is not None and len(totals.recent_losses) == LOSS_WINDOW and totals.recent_mean_loss > context.max_loss:
             raise DivergenceError(
-                f"the loss exploded: it averaged {totals.recent_mean_loss:.4g} over the last {LOSS_WINDOW} steps, above the limit {context.max_loss:.4g} (at step {step})"
+                f"the loss exploded: it averaged {totals.recent_mean_loss:.4g} over the last {LOSS_WINDOW} steps, above the limit {context.max_loss:.4g} (at step {step})",
+                over_limit=True,
             )
         if stats[3] > 0:
             totals.interrupted = True

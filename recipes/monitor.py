@@ -33,6 +33,18 @@ class DeadProcedureMonitor:
         self.last_seen = [torch.zeros(s.branches, dtype=torch.long) for s in self.stages]
         self.previous = [s.router.samples.detach().cpu().clone() for s in self.stages]
         self.revived = 0
+        self.recent: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.stages)  # per stage: keys, routes
+        for i, stage in enumerate(self.stages):
+            stage.router.register_forward_hook(self._recorder(i))
+
+    def _recorder(self, i: int):
+        """A forward hook keeping stage i's latest training keys and routes (for the split)."""
+
+        def record(router: nn.Module, args: tuple, route: torch.Tensor) -> None:
+            if router.training:
+                self.recent[i] = (args[0].detach(), route)
+
+        return record
 
     def state_dict(self) -> dict:
         return {"step": self.step, "last_seen": self.last_seen, "previous": self.previous, "revived": self.revived}
@@ -58,18 +70,21 @@ class DeadProcedureMonitor:
                 continue
             dead = (self.step - self.last_seen[i] >= self.window).nonzero().flatten().tolist()
             if dead:  # one per stage and step: the next split needs the next step's routes
-                self._revive(stage, dead[0], optimizer)
+                self._revive(stage, self.recent[i], dead[0], optimizer)
                 self.last_seen[i][dead[0]] = self.step
                 revived.append((i, dead[0]))
         self.revived += len(revived)
         return revived
 
     @torch.no_grad()
-    def _revive(self, stage: RoutedStage, dead: int, optimizer) -> None:
+    def _revive(self, stage: RoutedStage, recent: tuple[torch.Tensor, torch.Tensor] | None, dead: int, optimizer) -> None:
         router = stage.router
-        recent = router.last_routes if router.last_routes is not None else torch.zeros(0, dtype=torch.long)
-        busiest = int(torch.bincount(recent.cpu(), minlength=stage.branches).argmax()) if recent.numel() else 0
-        keys = router.last_keys[router.last_routes == busiest] if recent.numel() else router.memory[busiest : busiest + 1]
+        if recent is not None and recent[1].numel():
+            keys, routes = recent
+            busiest = int(torch.bincount(routes.cpu(), minlength=stage.branches).argmax())
+            keys = keys[routes == busiest]
+        else:
+            busiest, keys = 0, router.memory[:1]
         centre, offset = split_directions(keys, router.memory[busiest])
         router.memory[busiest] = centre - offset
         router.memory[dead] = centre + offset

@@ -53,24 +53,32 @@ SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 def train(config: RunConfig, run_dir: str, resume: bool = False) -> dict:
     """Run (or resume) `config` in `run_dir`; returns the final evaluation."""
-    device = local_device(pick_device(config.device))
-    group = start(device)
+    with stop_at_once():
+        device = local_device(pick_device(config.device))
+        group = start(device)
     try:
-        run = RunDirectory(run_dir, writer=group.is_main)
-        if not resume:
-            run.check_new()
-        elif run.state == "finished":
-            raise RunError(f"'{run_dir}' has finished; see its evaluation.json, or start a new run with another -o")
-        trainer = Trainer.build(config, run, device, group)
-        if resume and run.state == "checkpointed":
-            trainer.restore(run.load_checkpoint())
-        else:  # a new run, or one stopped before its first checkpoint: (re)start it
-            run.create(config)
-            run.check_free_space(trainer.tensor_bytes())
-            group.barrier()
+        with stop_at_once():
+            trainer = _prepare(config, run_dir, resume, device, group)
         return trainer.run()
     finally:
         stop(group)
+
+
+def _prepare(config: RunConfig, run_dir: str, resume: bool, device: torch.device, group: Group) -> Trainer:
+    """The trainer of a new, restarted or resumed run, its directory ready."""
+    run = RunDirectory(run_dir, writer=group.is_main)
+    if not resume:
+        run.check_new()
+    elif run.state == "finished":
+        raise RunError(f"'{run_dir}' has finished; see its evaluation.json, or start a new run with another -o")
+    trainer = Trainer.build(config, run, device, group)
+    if resume and run.state == "checkpointed":
+        trainer.restore(run.load_checkpoint())
+    else:  # a new run, or one stopped before its first checkpoint: (re)start it
+        run.create(config)
+        run.check_free_space(trainer.tensor_bytes())
+        group.barrier()
+    return trainer
 
 
 def log(group: Group, text: str) -> None:
@@ -212,7 +220,7 @@ class Trainer:
         try:
             train_epoch(self.wrapped, batches, self.optimizer, self._context(epoch), epoch * self.steps_per_epoch, self.totals)
         except DivergenceError as exc:
-            self._diverged(str(exc), epoch)
+            self._diverged(exc, epoch)
         self.progress["batch"] = self.totals.steps
         if self.totals.interrupted:
             self._interrupted(epoch)
@@ -225,17 +233,16 @@ class Trainer:
         self._save_checkpoint()
         log(self.group, epoch_line(row))
 
-    def _diverged(self, reason: str, epoch: int):
+    def _diverged(self, exc: DivergenceError, epoch: int):
         kept = self.run_dir.last_good_checkpoint(self.progress["epoch"])
-        limit = f" (the limit is {LOSS_LIMIT_FACTOR} x ln(classes); --max-loss sets it)" if "limit" in reason and self.config.max_loss is None else ""
-        raise RunError(f"{reason} in epoch {epoch + 1}{limit}; training stopped, {kept}; lower --lr or raise --warmup-epochs and start a new run") from None
+        limit = f" (the limit is {LOSS_LIMIT_FACTOR} x ln(classes); --max-loss sets it)" if exc.over_limit and self.config.max_loss is None else ""
+        raise RunError(f"{exc} in epoch {epoch + 1}{limit}; training stopped, {kept}; lower --lr or raise --warmup-epochs and start a new run") from None
 
     def _interrupted(self, epoch: int):
         self.totals.interrupted = False
         self._save_checkpoint()
-        how = "interrupted" if self.stop_signal == signal.SIGINT else "terminated (SIGTERM)"
         raise TrainingInterrupted(
-            f"{how} in epoch {epoch + 1} after batch {self.progress['batch']}; checkpoint saved. "
+            f"{_stopped_how(self.stop_signal)} in epoch {epoch + 1} after batch {self.progress['batch']}; checkpoint saved. "
             f"Continue with: rmn-fx train --resume {self.run_dir.root}",
             SIGNAL_EXIT_CODES.get(self.stop_signal, 130),
         )
@@ -278,12 +285,38 @@ def stop_requests(request):
         seen.append(signum)
         request(signum)
 
+    with _stop_signals_call(handler):
+        yield
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """Before training starts there is nothing to save: Ctrl-C or SIGTERM ends the run at
+    once with one line (a directory left without a checkpoint restarts with the same command)."""
+
+    def handler(signum, frame):
+        raise TrainingInterrupted(
+            f"{_stopped_how(signum)} before training started; nothing was saved. Start it again with the same command",
+            SIGNAL_EXIT_CODES[signum],
+        )
+
+    with _stop_signals_call(handler):
+        yield
+
+
+@contextlib.contextmanager
+def _stop_signals_call(handler):
+    """SIGINT and SIGTERM call `handler` inside the block; the previous handlers after it."""
     previous = {sig: signal.signal(sig, handler) for sig in SIGNAL_EXIT_CODES}
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _stopped_how(signum: int | None) -> str:
+    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
 
 
 def _preview(names: list[str]) -> str:

@@ -4,6 +4,9 @@ and the small-image pass (on generated backbones and real ones)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -14,9 +17,10 @@ from rmn_fx.recipes import DeadProcedureMonitor, WarmupCosine, load_data, set_ph
 from rmn_fx.recipes.batches import EpochBatches
 from rmn_fx.recipes.data import CONTEXTS, render_digits
 from rmn_fx.recipes.distributed import Group
+from rmn_fx.recipes.trainer import stop_at_once
 
 import rmn_fx
-from rmn_fx.errors import StageError
+from rmn_fx.errors import StageError, TrainingInterrupted
 from rmn_fx.nn.routed_stage import routed_stages
 
 
@@ -78,7 +82,7 @@ def test_a_procedure_without_samples_for_the_window_is_dead_and_revived(revive, 
             break
     if revive:
         assert (0, 2) in revived and stage.router.memory[2].abs().max() < 1e3
-        busiest = int(stage.router.last_routes.bincount().argmax())
+        busiest = int(monitor.recent[0][1].bincount().argmax())
         for a, b in zip(stage.procedures[2].parameters(), stage.procedures[busiest].parameters()):
             assert torch.equal(a, b)
         routes, _ = record_routes(gm)
@@ -258,8 +262,9 @@ def test_an_exploding_but_finite_loss_stops_training():
     growing = iter(range(1, 100))
     data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(LOSS_WINDOW + 5)]
     loss = lambda logits, labels: torch.nn.functional.cross_entropy(logits, labels) * 0 + float(next(growing))
-    with pytest.raises(DivergenceError, match="exploded"):
+    with pytest.raises(DivergenceError, match="exploded") as caught:
         train_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.0), StepContext(max_loss=LOSS_WINDOW / 2 + 1), loss_fn=loss)
+    assert caught.value.over_limit
 
 
 def test_every_step_draws_from_its_own_seed():
@@ -312,3 +317,16 @@ def test_routes_plot_shows_classes_and_hidden_contexts():
     labels = [ax.get_xlabel() for ax in figure.axes if ax.get_title()]
     assert titles == ["stage 1, NMI 0.10", "stage 2, NMI 0.10", "stage 1, NMI 0.70", "stage 2, NMI 0.70"]
     assert labels == ["class", "class", "context", "context"]
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_before_training_ends_the_run_at_once_with_one_line(signum, exit_code):
+    """While the model is being built there is nothing to save: Slurm's SIGTERM (or Ctrl-C)
+    ends the run with its exit code and a line saying so, and the handlers are restored."""
+    before = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted, match="before training started; nothing was saved") as caught:
+        with stop_at_once():
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises before this ends
+    assert caught.value.exit_code == exit_code
+    assert signal.getsignal(signum) is before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -10,6 +11,8 @@ from torch import nn
 from .attention import ConditionalAttention
 from .layout import LAYOUTS
 from .routing import MemoryRouter, dispatch
+
+PHASES = ("stem", "routed")
 
 
 class RoutedStage(nn.Module):
@@ -20,11 +23,12 @@ class RoutedStage(nn.Module):
     Right after construction all procedures equal `procedure` and the attention is the
     identity, so the stage computes what `procedure` computes.
 
-    `stem_phase` (step 1 of the recipe): every sample runs through procedure 0, memories
-    stay put, and the attention sees a uniformly random route in training (its mean, the
-    uniform code, in eval mode, so that evaluation is deterministic).
-    `every_procedure` (data-parallel SyncBN): every procedure runs on every step, on an
-    empty sub-batch if need be, so that collective layers inside run on all ranks.
+    Phases (`set_phase`): in "stem" (step 1 of the recipe) every sample runs through
+    procedure 0, memories stay put, and the attention sees a uniformly random route in
+    training (its mean, the uniform code, in eval mode, so that evaluation is
+    deterministic); in "routed" (the default) samples go where the router sends them.
+    The phase is not in the state dict: the training checkpoint records it.
+    `share_across_ranks` prepares the stage for data-parallel training.
     """
 
     def __init__(
@@ -40,8 +44,8 @@ class RoutedStage(nn.Module):
     ) -> None:
         super().__init__()
         self.in_layout = in_layout
-        self.stem_phase = False
-        self.every_procedure = False
+        self._stem_phase = False
+        self._every_procedure = False
         self.router = MemoryRouter(branches, in_channels, momentum)
         self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(branches - 1)])
         self.attention = ConditionalAttention(out_channels, branches, out_layout) if attention else None
@@ -55,15 +59,32 @@ class RoutedStage(nn.Module):
     def branches(self) -> int:
         return len(self.procedures)
 
+    @property
+    def phase(self) -> str:
+        return "stem" if self._stem_phase else "routed"
+
+    def set_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self._stem_phase = phase == "stem"
+
+    def share_across_ranks(self, all_reduce: Callable[[torch.Tensor], None], every_procedure: bool) -> None:
+        """Data-parallel training: memory statistics are summed over ranks by `all_reduce`
+        (in place), so every rank keeps identical memories; with `every_procedure` (SyncBN)
+        every procedure runs on every step, on an empty sub-batch if need be, so that the
+        collective layers inside run on all ranks."""
+        self.router.share_statistics(all_reduce)
+        self._every_procedure = every_procedure
+
     def key(self, x: torch.Tensor) -> torch.Tensor:
         """The routing key of each sample: the global average of the stage input, [B, C]."""
         return LAYOUTS[self.in_layout].pool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stem_phase:
+        if self._stem_phase:
             return self._stem_forward(x)
         route = self.router(self.key(x))
-        y = dispatch(x, route, self.procedures, self.every_procedure)
+        y = dispatch(x, route, self.procedures, self._every_procedure)
         if self.attention is not None:
             y = self.attention(y, route)
         return y

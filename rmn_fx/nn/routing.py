@@ -21,9 +21,8 @@ class MemoryRouter(nn.Module):
 
     Buffers: `memory` [N, C] (the keys' moving averages), `samples` [N] (how many training
     samples each procedure has received, for load reports and dead-procedure detection).
-    `reducer`, if set, sums a tensor over all data-parallel ranks in place (an all-reduce):
-    the per-procedure key sums and counts are reduced before the update, so every rank
-    keeps identical memories.
+    Under data parallelism (`share_statistics`) the per-procedure key sums and counts are
+    summed over ranks before the update, so every rank keeps identical memories.
     Memories start at zero, so every sample takes procedure 0 until they are initialised
     (k-means over training keys, step 3 of the recipe).
     """
@@ -35,9 +34,11 @@ class MemoryRouter(nn.Module):
         self.branches, self.key_dim, self.momentum = branches, key_dim, momentum
         self.register_buffer("memory", torch.zeros(branches, key_dim))
         self.register_buffer("samples", torch.zeros(branches, dtype=torch.long))
-        self.reducer: Callable[[torch.Tensor], None] | None = None
-        self.last_keys: torch.Tensor | None = None  # the latest training batch, for revival
-        self.last_routes: torch.Tensor | None = None
+        self._all_reduce: Callable[[torch.Tensor], None] | None = None
+
+    def share_statistics(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Sum the update's statistics over data-parallel ranks with `all_reduce` (in place)."""
+        self._all_reduce = all_reduce
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, key_dim={self.key_dim}, momentum={self.momentum}"
@@ -48,7 +49,6 @@ class MemoryRouter(nn.Module):
         distances = (key.unsqueeze(1) - self.memory.unsqueeze(0)).square().sum(-1)
         route = distances.argmin(dim=1)
         if self.training:
-            self.last_keys, self.last_routes = key, route
             self.update(key, route)
         return route
 
@@ -57,9 +57,9 @@ class MemoryRouter(nn.Module):
         """m_j <- a * m_j + (1 - a) * mean(keys routed to j), for every j that got a sample."""
         sums = torch.zeros_like(self.memory).index_add_(0, route, key)
         counts = torch.bincount(route, minlength=self.branches)
-        if self.reducer is not None:  # data-parallel: every rank applies the global statistics
-            self.reducer(sums)
-            self.reducer(counts)
+        if self._all_reduce is not None:  # data-parallel: every rank applies the global statistics
+            self._all_reduce(sums)
+            self._all_reduce(counts)
         hit = counts > 0
         means = sums[hit] / counts[hit].unsqueeze(1).to(sums.dtype)
         self.memory[hit] = self.momentum * self.memory[hit] + (1.0 - self.momentum) * means
