@@ -185,10 +185,13 @@ def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     assert len(two) == 2 and two[1]["memory_spread_across_ranks"] == 0.0
-    # stem epoch: the same steps up to float summation order; routed epoch: a key near the
-    # boundary between two memories can flip its hard route, so the match is looser there
+    # stem epoch: the same steps up to float summation order, whose differences grow over
+    # the epoch's steps and depend on the CPU's kernels (the test loss at its end: under 1% on
+    # the machine CI ran on, 1.06% on another), so the epoch-end test loss matches more loosely than
+    # the epoch's mean training loss; routed epoch: a key near the boundary between two
+    # memories can flip its hard route, so the match is looser there
     assert two[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=1e-3)
-    assert two[0]["test_loss"] == pytest.approx(one[0]["test_loss"], rel=1e-2)
+    assert two[0]["test_loss"] == pytest.approx(one[0]["test_loss"], rel=3e-2)
     assert two[1]["train_loss"] == pytest.approx(one[1]["train_loss"], rel=5e-2)
 
 
