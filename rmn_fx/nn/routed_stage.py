@@ -44,7 +44,7 @@ class RoutedStage(nn.Module):
     ) -> None:
         super().__init__()
         self.in_layout = in_layout
-        self._stem_phase = False
+        self._phase = "routed"
         self._every_procedure = False
         self.router = MemoryRouter(branches, in_channels, momentum)
         self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(branches - 1)])
@@ -59,14 +59,10 @@ class RoutedStage(nn.Module):
     def branches(self) -> int:
         return len(self.procedures)
 
-    @property
-    def phase(self) -> str:
-        return "stem" if self._stem_phase else "routed"
-
     def set_phase(self, phase: str) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        self._stem_phase = phase == "stem"
+        self._phase = phase
 
     def share_across_ranks(self, all_reduce: Callable[[torch.Tensor], None], every_procedure: bool) -> None:
         """Data-parallel training: memory statistics are summed over ranks by `all_reduce`
@@ -81,7 +77,7 @@ class RoutedStage(nn.Module):
         return LAYOUTS[self.in_layout].pool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._stem_phase:
+        if self._phase == "stem":
             return self._stem_forward(x)
         route = self.router(self.key(x))
         y = dispatch(x, route, self.procedures, self._every_procedure)
