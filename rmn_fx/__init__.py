@@ -1,4 +1,5 @@
-"""rmn-fx: compile torchvision/timm backbones into Neural Routing by Memory (RMN) networks.
+"""rmn-fx: compile torchvision/timm backbones into routed networks: Neural Routing by
+Memory (RMN), multi-path cross-connections and cross-prediction, and learned top-k gates.
 
 The errors are imported at once; everything that needs torch is imported on first use
 (PEP 562), so that `import rmn_fx.cli` and `rmn-fx --version` stay fast.
@@ -34,6 +35,8 @@ _LAZY = {
     "save": "serialization",
     "trace": "tracing",
     "RoutedStage": "nn.routed_stage",
+    "RoutingConfig": "nn.rules",
+    "rule_names": "nn.rules",
 }
 
 
@@ -57,6 +60,7 @@ __all__ = [
     "OutputPathError",
     "RMNError",
     "RoutedStage",
+    "RoutingConfig",
     "StageError",
     "TraceError",
     "TrainingFailed",
@@ -65,6 +69,7 @@ __all__ = [
     "WeightsError",
     "analyze",
     "load",
+    "rule_names",
     "save",
     "trace",
     "transform",

@@ -1,4 +1,4 @@
-"""The public API: analyse a backbone, and transform it into an RMN GraphModule.
+"""The public API: analyse a backbone, and transform it into a routed GraphModule.
 
     analyze:   trace -> ShapePropagation -> FindStages -> OutlineParts   (an Anatomy)
     transform: analyze -> RouteStages -> verify on the sample input     (a GraphModule)
@@ -21,15 +21,15 @@ from rmn_fx.passes.find_stages import FindStages, Stage, parse_stage_ranges
 from rmn_fx.passes.infra import PassManager
 from rmn_fx.passes.outline import OutlineParts
 from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
-from rmn_fx.passes.route import RouteStages
+from rmn_fx.passes.route import RouteStages, part_specs
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
 from .errors import ConversionError, OptionError, RMNError
 from .measure import count_params, flop_counts, free_memory, relative_error
 from .models import create_model, default_input_size
-from .nn.attention import ConditionalAttention
 from .nn.modes import training_mode
-from .nn.routed_stage import routed_stages
+from .nn.routed_stage import PartSpec, routed_stages
+from .nn.rules import RoutingConfig, rule_class
 from .tracing import trace
 
 VERIFY_RTOL = 1e-5
@@ -147,42 +147,44 @@ def _sample_for(model: nn.Module, size: tuple[int, int, int]) -> torch.Tensor:
 def transform(
     model: nn.Module | str,
     branches: int = 8,
-    attention: bool = True,
+    attention: bool | None = None,
     stages: str | Sequence | None = None,
     routed: Sequence[int] | None = None,
     input_size: Sequence[int] | None = None,
-    momentum: float = 0.9,
+    momentum: float | None = None,
     num_classes: int | None = None,
     remove_downsamplings: int = 0,
     verify: bool = True,
+    routing: str | RoutingConfig = "memory",
+    top_k: int | None = None,
 ) -> fx.GraphModule:
-    """Convert `model` into an RMN GraphModule with `branches` procedures per routed stage.
+    """Convert `model` into a routed GraphModule with `branches` procedures per routed stage.
 
     model:      an nn.Module (left untouched; it is copied) or a model name.
+    routing:    the rule (`rmn_fx.nn.rule_names()`: "memory", "gate", "cross-connections",
+                "cross-prediction"), or a RoutingConfig (then leave branches and the rule
+                options at their defaults). Rule options: attention, momentum (memory),
+                top_k (gate); None takes the rule's default.
     stages:     module-path ranges "a:b,c:d" instead of automatic detection.
     routed:     1-based indices of the stages to route (default: all).
     input_size: C,H,W of the sample used for shape propagation (default: the model's own).
     remove_downsamplings: remove the first k downsamplings first (small images, see analyze).
     verify:     check on the sample that the result computes the original function.
     """
-    if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
-        raise OptionError(f"branches must be an integer >= 1, got {branches!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise OptionError(f"momentum must lie in [0, 1), got {momentum!r}")
+    config = routing_config(routing, branches, attention, momentum, top_k)
     anatomy = analyze(model, stages, input_size, num_classes, remove_downsamplings)
     count = len(anatomy.stages)
     routed = list(range(1, count + 1)) if routed is None else sorted(set(routed))
     if not routed or not all(isinstance(i, int) and 1 <= i <= count for i in routed):
         raise OptionError(f"routed stages must be indices in 1..{count}, got {routed!r}")
-    check_memory_for(anatomy, branches, attention, routed)
-    gm, _ = PassManager([RouteStages(branches, attention, routed, momentum)])(anatomy.graph_module)
+    specs = part_specs(anatomy.graph_module, config, routed)
+    check_memory_for(anatomy, config, specs)
+    gm, _ = PassManager([RouteStages(config, routed)])(anatomy.graph_module)
     gm.meta["rmn_fx"] = {
         "source": anatomy.source,
         "input_size": list(anatomy.input_size),
-        "branches": branches,
-        "attention": attention,
+        "routing": config.as_meta(),
         "routed": routed,
-        "momentum": momentum,
         "remove_downsamplings": remove_downsamplings,
         "stages": None if stages is None else [list(r) for r in parse_stage_ranges(stages)],
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
@@ -193,24 +195,36 @@ def transform(
     return gm
 
 
-def added_parameters(stages: Sequence[Stage], branches: int, attention: bool, routed: Sequence[int]) -> int:
-    """Parameters and memory entries the conversion adds: (N - 1) copies of every routed
-    stage, its attention and its memories; known from the anatomy before anything is copied."""
+def routing_config(routing: str | RoutingConfig, branches: int, attention, momentum, top_k) -> RoutingConfig:
+    """The typed routing of a `transform` call (a RoutingConfig given whole, or built here)."""
+    if isinstance(routing, RoutingConfig):
+        if (branches, attention, momentum, top_k) != (8, None, None, None):
+            raise OptionError("give the branches and rule options inside the RoutingConfig, not beside it")
+        return routing
+    if not isinstance(routing, str):
+        raise OptionError(f"routing must be a rule name or a RoutingConfig, got {type(routing).__name__}")
+    return RoutingConfig(routing, branches, attention, momentum, top_k)
+
+
+def added_parameters(anatomy: Anatomy, config: RoutingConfig, specs: dict[int, PartSpec]) -> int:
+    """Parameters and buffer entries the conversion adds: (N - 1) copies of every routed
+    stage and the rule's own (attention, memories, gates); known before anything is copied."""
+    rule = rule_class(config.rule)
+    stages = {s.index: s for s in anatomy.stages}
     return sum(
-        (branches - 1) * s.params + branches * s.in_channels + (ConditionalAttention.parameter_count(s.out_channels, branches) if attention else 0)
-        for s in stages
-        if s.index in routed
+        (config.branches - 1) * stages[i].params + rule.rule_parameters(spec, config) + rule.rule_buffer_numel(spec, config)
+        for i, spec in specs.items()
     )
 
 
-def check_memory_for(anatomy: Anatomy, branches: int, attention: bool, routed: Sequence[int]) -> None:
+def check_memory_for(anatomy: Anatomy, config: RoutingConfig, specs: dict[int, PartSpec]) -> None:
     """Refuse a conversion whose copies cannot fit in the memory free on the model's device."""
-    added = added_parameters(anatomy.stages, branches, attention, routed)
+    added = added_parameters(anatomy, config, specs)
     needed = added * anatomy.sample.element_size()
     free = free_memory(anatomy.sample.device)
     if needed > free:
         raise OptionError(
-            f"{branches} branches would add {added:,} parameters and memory entries ({needed / 2**30:.1f} GiB), more than the "
+            f"{config.branches} branches would add {added:,} parameters and memory entries ({needed / 2**30:.1f} GiB), more than the "
             f"{free / 2**30:.1f} GiB of memory free on {anatomy.sample.device}; use fewer branches or route fewer stages"
         )
 

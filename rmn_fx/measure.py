@@ -48,6 +48,14 @@ def flop_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]
     return counter.get_total_flops(), per_module
 
 
+def part_costs(gm, x: torch.Tensor) -> dict[str, tuple[int, float]]:
+    """Parameters and FLOPs per sample of each top-level part (stem, stage_i, head) of an
+    outlined or converted GraphModule, on input `x`."""
+    _, per_module = flop_counts(gm, x)
+    parts = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    return {name: (count_params(gm.get_submodule(name)), per_module.get(name, 0) / x.shape[0]) for name in parts}
+
+
 def relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
     """max |want - got| / max |want|: the error measure of every function check (in float64,
     so integer and half-precision outputs compare too)."""
@@ -56,10 +64,11 @@ def relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
-    """Point every router's memories at the keys of different samples of `x`.
+    """Point every memory router's memories at the keys of different samples of `x`.
 
     Right after conversion all memories are zero and every sample takes procedure 0; this
     spreads a batch over min(B, N) procedures, so that checks exercise the dispatch.
+    (Other rules spread samples by their random initial gates already.)
     """
     from .nn.routed_stage import routed_stages
 
@@ -67,18 +76,36 @@ def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
         keys = stage.key(args[0]).detach()
         stage.router.memory.copy_(keys[torch.arange(stage.branches) % keys.shape[0]])
 
-    with hooks(m.register_forward_pre_hook(hook) for m in routed_stages(converted)), torch.no_grad():
+    memory_stages = [m for m in routed_stages(converted) if m.rule == "memory"]
+    with hooks(m.register_forward_pre_hook(hook) for m in memory_stages), torch.no_grad():
         converted.eval()(x)
+
+
+def procedure_flops_per_sample(converted: nn.Module, x: torch.Tensor) -> list[float]:
+    """FLOPs per sample of one procedure of each routed stage, run alone on the stage's input
+    (the first path's, where paths cross) during a forward pass on `x`."""
+    from .nn.routed_stage import routed_stages
+
+    inputs = {}
+
+    def hook(stage, args):
+        inputs[stage] = args[0][0] if isinstance(args[0], tuple) else args[0]
+
+    stages = routed_stages(converted)
+    with hooks(s.register_forward_pre_hook(hook) for s in stages), training_mode(converted, False), torch.no_grad():
+        converted(x)
+    return [flop_counts(s.procedures[0], inputs[s])[0] / inputs[s].shape[0] for s in stages]
 
 
 def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
     """Function, FLOPs and parameters of a converted model against its base, on input `x`.
 
-    The anatomy predicts `expected_params` = parameters the base's forward uses (modules it
-    never calls, like Inception's auxiliary heads in eval mode, are not in the graph)
-    + (N - 1) * routed-stage parameters + attention parameters, and `expected_flops_per_sample`
-    = base FLOPs + attention FLOPs (its two linear layers); a conversion is exact when the
-    measured values equal them.
+    The anatomy and the rule predict `expected_params` = parameters the base's forward
+    uses (modules it never calls, like Inception's auxiliary heads in eval mode, are not
+    in the graph) + (N - 1) * routed-stage parameters + the rule's own, and
+    `expected_flops_per_sample` = base FLOPs + (paths per sample - 1) * a procedure's FLOPs
+    + the rule's matrix products, per routed stage; a conversion is exact when the measured
+    values equal them.
     """
     from .nn.routed_stage import routed_stages
     from .tracing import trace
@@ -86,10 +113,9 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
     with torch.no_grad():
         want, got = base.eval()(x), converted.eval()(x)
     routed = routed_stages(converted)
-    attentions = [m.attention for m in routed if m.attention is not None]
-    extra_params = sum((m.branches - 1) * count_params(m.procedures[0]) for m in routed)
-    extra_params += sum(count_params(a) for a in attentions)
-    attention_flops = sum(2 * (a.squeeze.weight.numel() + a.excite.weight.numel()) for a in attentions)
+    extra_params = sum((s.branches - 1) * count_params(s.procedures[0]) + s.rule_parameters(s.spec, s.config) for s in routed)
+    procedure_flops = procedure_flops_per_sample(converted, x)
+    extra_flops = sum((s.paths_per_sample - 1) * f + s.routing_flops_per_sample() for s, f in zip(routed, procedure_flops))
     batch = x.shape[0]
     base_flops, converted_flops = flop_counts(base, x)[0] / batch, flop_counts(converted, x)[0] / batch
     return {
@@ -99,6 +125,6 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
         "expected_params": count_params(trace(base)) + extra_params,
         "base_flops_per_sample": base_flops,
         "converted_flops_per_sample": converted_flops,
-        "expected_flops_per_sample": base_flops + attention_flops,
+        "expected_flops_per_sample": base_flops + extra_flops,
         "flops_ratio": converted_flops / base_flops if base_flops else float("nan"),
     }

@@ -1,9 +1,11 @@
 """Save and load converted models without pickling code.
 
 A file is `torch.save` of a plain dict that `torch.load(..., weights_only=True)` reads:
-    {"format": "rmn-fx", "format_version": 1, "config": <JSON text>, "state_dict": {...}}
+    {"format": "rmn-fx", "format_version": 2, "config": <JSON text>, "state_dict": {...}}
 The config says how to rebuild the architecture (the model name or, for a user's own
-model, nothing: pass `model=` to `load`), with the conversion options and the stage plan.
+model, nothing: pass `model=` to `load`), with the routing (rule and options), the
+conversion options and the stage plan. Version-1 files (memory routing, before rules
+existed) load unchanged.
 Loading rebuilds, checks that the stages found are the stored ones, and loads the tensors.
 Writes are atomic: a temporary file in the target directory, renamed when complete.
 """
@@ -16,12 +18,14 @@ import torch
 from torch import fx, nn
 
 from .conversion import transform
-from .errors import ModelFileError, UntrustedCodeError
+from .errors import ModelFileError, OptionError, UntrustedCodeError
 from .files import atomic_write, read_torch_file
 from .models import is_factory, state_dict_mismatch
+from .nn.rules import RoutingConfig
 
 FORMAT = "rmn-fx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the routing rule and its options ("routing"); 1: memory routing only
+READABLE_VERSIONS = (1, 2)
 
 
 def save(gm: fx.GraphModule, path: str) -> None:
@@ -44,9 +48,9 @@ def read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"'{path}' is not an rmn-fx model file; convert a model with `rmn-fx convert`")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelFileError(
-            f"'{path}' has rmn-fx format version {version}; this rmn-fx reads version {FORMAT_VERSION} (use a matching release)"
+            f"'{path}' has rmn-fx format version {version}; this rmn-fx reads versions {READABLE_VERSIONS} (use a matching release)"
         )
     try:
         config = json.loads(payload["config"])
@@ -74,12 +78,10 @@ def load(
     base = model if model is not None else _base_from_source(path, source, trust_factory)
     gm = transform(
         base,
-        branches=config["branches"],
-        attention=config["attention"],
+        routing=_routing_of(path, config),
         stages=config["stages"],
         routed=config["routed"],
         input_size=config["input_size"],
-        momentum=config["momentum"],
         remove_downsamplings=config.get("remove_downsamplings", 0),
         num_classes=None if model is not None else source.get("num_classes"),
         verify=False,
@@ -95,6 +97,15 @@ def load(
         raise ModelFileError(f"'{path}' does not fit the rebuilt model: {mismatch}; pass the model the file was converted from")
     gm.load_state_dict(state)
     return gm.to(map_location).eval()
+
+
+def _routing_of(path: str, config: dict) -> RoutingConfig:
+    try:
+        return RoutingConfig.from_meta(config)
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f"'{path}' is damaged: its routing cannot be read ({exc})") from exc
+    except OptionError as exc:
+        raise ModelFileError(f"'{path}' has a routing this rmn-fx cannot build ({exc}); use the rmn-fx release that wrote it") from exc
 
 
 def _base_from_source(path: str, source, trust_factory: bool) -> str:

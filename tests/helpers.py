@@ -54,3 +54,41 @@ def attention_flops(channels: int, branches: int) -> int:
     """FLOPs per sample of Conditional Attention's two linear layers (2 per multiply-add)."""
     hidden = max(1, channels // 16)
     return 2 * (channels * hidden + (hidden + branches) * channels)
+
+
+def stage_numel(shape) -> int:
+    count = 1
+    for side in shape:
+        count *= side
+    return count
+
+
+def rule_params(rule: str, options: dict, stage, branches: int, receives: bool, emits: bool) -> int:
+    """Parameters a rule adds to a stage's N procedures, from the method's formulas (see the
+    rule files): CA for memory, one linear layer for the gate, mixer and combiner for paths."""
+    n, cin, cout = branches, stage.in_channels, stage.out_channels
+    if rule == "memory":
+        return attention_params(cout, n) if options.get("attention", True) else 0
+    if rule == "gate":
+        return cin * n + n
+    hidden = max(cin // 16, n)
+    mixer = (n * cin * hidden + hidden + hidden * n * n + n * n) if rule == "cross-connections" else n * (cin * hidden + hidden + hidden * n + n)
+    return receives * mixer + (not emits) * (n * cout * n + n)
+
+
+def rule_flops(rule: str, options: dict, stage, branches: int, receives: bool, emits: bool) -> int:
+    """FLOPs per sample of a rule's own matrix products (linear layers and path weighting)."""
+    n, cin, cout = branches, stage.in_channels, stage.out_channels
+    d_in, d_out = stage_numel(stage.in_shape[1:]), stage_numel(stage.out_shape[1:])
+    if rule == "memory":
+        return attention_flops(cout, n) if options.get("attention", True) else 0
+    if rule == "gate":
+        return 2 * cin * n + 2 * options["top_k"] * d_out
+    hidden = max(cin // 16, n)
+    per_source = cin * hidden + hidden * n
+    mixer = 2 * (n * cin * hidden + hidden * n * n) if rule == "cross-connections" else 2 * n * per_source
+    return receives * (mixer + 2 * n * n * d_in) + (not emits) * (2 * n * cout * n + 2 * n * d_out)
+
+
+def paths_per_sample(rule: str, options: dict, branches: int) -> int:
+    return {"memory": 1, "gate": options.get("top_k", 1)}.get(rule, branches)

@@ -30,7 +30,7 @@ def test_convert_and_inspect_from_the_console_script(tmp_path):
     assert code == 0, err
     assert "wrote" in stdout and out.is_file()
     gm = rmn_fx.load(str(out), model=__import__("tiny_models").tiny_cnn())
-    assert gm.meta["rmn_fx"]["branches"] == 3 and len(gm.meta["rmn_stages"]) == 3
+    assert gm.meta["rmn_fx"]["routing"]["branches"] == 3 and len(gm.meta["rmn_stages"]) == 3
     code, stdout, err = run_cli("inspect", TINY, "--input-size", "32")
     assert code == 0, err
     assert "stage_3" in stdout and "as --stages:" in stdout
@@ -43,6 +43,22 @@ def test_inspect_json_output(capsys):
     assert parts == ["stem", "stage_1", "stage_2", "stage_3", "stage_4", "head"]
     assert [row["modules"] for row in report["parts"][1:5]] == [["layer1"], ["layer2"], ["layer3"], ["layer4"]]
     assert sum(row["flops_share"] for row in report["parts"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rule, options", [("gate", ["--top-k", "2"]), ("cross-connections", []), ("cross-prediction", [])])
+def test_convert_and_inspect_with_every_rule(rule, options, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    args = [TINY, "--input-size", "32", "--branches", "3", "--routing", rule, *options]
+    assert main(["convert", *args, "-o", str(out)]) == 0
+    assert f"{rule} routing" in capsys.readouterr().out
+    gm = rmn_fx.load(str(out), model=__import__("tiny_models").tiny_cnn())
+    assert {type(s).rule for s in rmn_fx.nn.routed_stages(gm)} == {rule}
+    assert main(["inspect", *args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["routing"]["config"]["rule"] == rule and report["routing"]["routed_params"] == rmn_fx.measure.count_params(gm)
+    stages = [row for row in report["parts"] if row["part"].startswith("stage_")]
+    paths = 2 if rule == "gate" else 3
+    assert all(row["routed_flops_per_sample"] > (paths - 0.01) * row["flops_per_sample"] for row in stages)  # + the rule's own
 
 
 @pytest.mark.parametrize("command", [[], ["convert"], ["inspect"], ["train"], ["eval"], ["report"]])
@@ -83,6 +99,13 @@ def cli_error(args, tmp_path, capsys, *needles):
         (["convert", "tiny_models:fixed_size", "--input-size", "48"], ["rejects a 3x48x48 input"]),
         (["convert", TINY, "--input-size", "3,x,2"], ["--input-size"]),
         (["inspect", "tiny_models:no_downsampling", "--input-size", "32"], ["no downsampling"]),
+        (["convert", TINY, "--routing", "moe"], ["'moe' is not a routing rule", "gate", "rmn-fx convert --help"]),
+        (["convert", TINY, "--input-size", "32", "--top-k", "2"], ["--top-k", "'gate' only", "not 'memory'"]),
+        (["convert", TINY, "--input-size", "32", "--routing", "gate", "-b", "4", "--top-k", "5"], ["--top-k", "1..branches (4)", "got 5"]),
+        (["convert", TINY, "--input-size", "32", "--routing", "gate", "--top-k", "0"], ["--top-k", "0"]),
+        (["convert", TINY, "--input-size", "32", "--routing", "gate", "--no-attention"], ["--attention", "'memory' only", "not 'gate'"]),
+        (["convert", TINY, "--input-size", "32", "--routing", "cross-connections", "--memory-momentum", "0.5"], ["--memory-momentum", "'memory' only"]),
+        (["inspect", TINY, "--input-size", "32", "--routing", "cross-prediction", "--top-k", "1"], ["--top-k", "'gate' only"]),
     ],
 )
 def test_bad_input_gets_a_one_line_error_and_writes_nothing(args, needles, tmp_path, capsys):

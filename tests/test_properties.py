@@ -1,34 +1,72 @@
-"""Properties of every conversion, over random backbones whose true stages are known."""
+"""Properties of every conversion, for every routing rule, over random backbones whose
+true stages are known."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from backbones import backbones
 from helpers import (
-    attention_flops,
-    attention_params,
     max_relative_error,
+    paths_per_sample,
     record_routes,
     routed_stages,
+    rule_flops,
+    rule_params,
     spread_routes,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rmn_fx
-from rmn_fx.nn.modes import hooks
 from rmn_fx.measure import count_params, flop_counts
+from rmn_fx.nn.modes import hooks
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+RULE_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 branch_counts = st.integers(1, 8)
+ROUTINGS = [  # (rule, options): every rule, and the gate with one and two procedures per sample
+    ("memory", {"attention": True}),
+    ("memory", {"attention": False}),
+    ("gate", {"top_k": 1}),
+    ("gate", {"top_k": 2}),
+    ("cross-connections", {}),
+    ("cross-prediction", {}),
+]
+ROUTING_IDS = [f"{rule}-{'-'.join(f'{k}={v}' for k, v in options.items())}".rstrip("-") for rule, options in ROUTINGS]
+routings = pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
 
 
-def convert(spec, branches, attention):
+def convert(spec, branches, rule="memory", options=None, routed=None):
+    """The base network, its conversion (rule weights drawn at random, not at their init)
+    and an input batch."""
+    options = options or {}
+    if rule == "gate":
+        branches = max(branches, options["top_k"])
     base = spec.build().eval()
     size = (3, spec.input_side, spec.input_side)
-    gm = rmn_fx.transform(base, branches=branches, attention=attention, input_size=size).eval()
+    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=size, routed=routed, **options).eval()
     x = torch.randn(max(branches, 3), *size, generator=torch.Generator().manual_seed(1))
+    if rule == "memory":
+        spread_routes(gm, x)
+    else:
+        randomize_rule_weights(gm)
     return base, gm, x
+
+
+def randomize_rule_weights(gm) -> None:
+    """Draw every routing parameter (not the clones') from N(0, 1): far from any initialisation."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for stage in routed_stages(gm):
+            for name, p in stage.named_parameters():
+                if not name.startswith("procedures."):
+                    p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def links(gm) -> list[tuple[bool, bool]]:
+    """(receives paths, emits paths) of each routed stage, as the rewrite chose."""
+    return [(s.spec.receives_paths, s.spec.emits_paths) for s in routed_stages(gm)]
 
 
 @PROPERTY_SETTINGS
@@ -38,45 +76,83 @@ def test_detected_stages_are_the_true_stages(spec):
     assert [s.modules for s in anatomy.stages] == spec.expected
 
 
-@PROPERTY_SETTINGS
-@given(backbones(), branch_counts, st.booleans())
-def test_conversion_preserves_function_flops_and_parameter_anatomy(spec, branches, attention):
-    base, gm, x = convert(spec, branches, attention)
+@routings
+@RULE_SETTINGS
+@given(spec=backbones(), branches=branch_counts)
+def test_conversion_preserves_function_flops_and_parameter_anatomy(rule, options, spec, branches):
+    base, gm, x = convert(spec, branches, rule, options)
+    n = routed_stages(gm)[0].branches
     with torch.no_grad():
-        want = base(x)
-        assert max_relative_error(want, gm(x)) <= 1e-5  # memories at zero: one procedure
-        spread_routes(gm, x)
-        got = gm(x)
-    assert max_relative_error(want, got) <= 1e-5  # every procedure used: still the same function
+        assert max_relative_error(base(x), gm(x)) <= 1e-5  # routes spread, rule weights random
 
     stages = gm.meta["rmn_stages"]
-    extra_params = sum((branches - 1) * s.params + attention * attention_params(s.out_channels, branches) for s in stages)
+    multipath = rule.startswith("cross")
+    chain = [(multipath and i > 0, multipath and i < len(stages) - 1) for i in range(len(stages))]
+    assert links(gm) == chain  # generated backbones are chains: paths flow through every stage
+    extra_params = sum((n - 1) * s.params + rule_params(rule, options, s, n, *link) for s, link in zip(stages, chain))
     assert count_params(gm) == count_params(base) + extra_params
 
-    base_flops, _ = flop_counts(base, x)
-    rmn_flops, _ = flop_counts(gm, x)
-    extra_flops = attention * sum(attention_flops(s.out_channels, branches) for s in stages)
-    assert rmn_flops / x.shape[0] == base_flops / x.shape[0] + extra_flops
+    anatomy = rmn_fx.analyze(base, input_size=(3, spec.input_side, spec.input_side))
+    _, per_part = flop_counts(anatomy.graph_module, x)
+    paths = paths_per_sample(rule, options, n)
+    extra_flops = sum((paths - 1) * per_part.get(s.name, 0) / x.shape[0] + rule_flops(rule, options, s, n, *link) for s, link in zip(stages, chain))
+    assert flop_counts(gm, x)[0] / x.shape[0] == pytest.approx(flop_counts(base, x)[0] / x.shape[0] + extra_flops, rel=1e-12)
 
 
-@PROPERTY_SETTINGS
-@given(backbones(), branch_counts, st.booleans())
-def test_eval_output_of_a_sample_does_not_depend_on_its_batch(spec, branches, attention):
-    _, gm, x = convert(spec, branches, attention)
-    spread_routes(gm, x)
+@pytest.mark.parametrize("rule", ["cross-connections", "cross-prediction"])
+@RULE_SETTINGS
+@given(spec=backbones(), branches=st.integers(2, 4), data=st.data())
+def test_paths_are_combined_before_every_stage_that_is_not_routed(rule, spec, branches, data):
+    count = len(spec.stages)
+    routed = data.draw(st.lists(st.integers(1, count), min_size=1, unique=True), label="routed")
+    base, gm, x = convert(spec, branches, rule, routed=routed)
+    with torch.no_grad():
+        assert max_relative_error(base(x), gm(x)) <= 1e-5
+    routed = sorted(routed)
+    assert links(gm) == [(i - 1 in routed, i + 1 in routed) for i in routed]
+    stages = {s.index: s for s in gm.meta["rmn_stages"]}
+    extra = sum((branches - 1) * stages[i].params + rule_params(rule, {}, stages[i], branches, *link) for i, link in zip(routed, links(gm)))
+    assert count_params(gm) == count_params(base) + extra
+
+
+@routings
+@RULE_SETTINGS
+@given(spec=backbones(), branches=branch_counts)
+def test_eval_output_of_a_sample_does_not_depend_on_its_batch(rule, options, spec, branches):
+    _, gm, x = convert(spec, branches, rule, options)
     with torch.no_grad():
         batched = gm(x)
         for i in range(x.shape[0]):
             assert max_relative_error(batched[i : i + 1], gm(x[i : i + 1])) <= 1e-5
 
 
-@PROPERTY_SETTINGS
-@given(backbones(), st.integers(4, 8), st.booleans())
-def test_each_sample_runs_one_procedure_and_backward_reaches_only_those(spec, branches, attention):
-    _, gm, x = convert(spec, branches, attention)
-    spread_routes(gm, x)
-    x = x[:3]  # fewer samples than procedures: some procedures must stay idle
-    routes, handles = record_routes(gm)
+def chosen_procedures(gm, rule: str, options: dict) -> tuple[list[list[torch.Tensor]], list]:
+    """The procedures each sample was sent to, per routed stage and forward: [B] routes for
+    memory, [B, k] for the gate (recomputed from its probabilities), all N for paths."""
+    if rule == "memory":
+        return record_routes(gm)
+    chosen: list[list[torch.Tensor]] = [[] for _ in routed_stages(gm)]
+
+    def recorder(i):
+        def hook(stage, args):
+            x = args[0][0] if isinstance(args[0], tuple) else args[0]
+            if rule == "gate":
+                chosen[i].append(stage.probabilities(x).topk(stage.top_k, dim=1).indices.detach())
+            else:
+                chosen[i].append(torch.arange(stage.branches).repeat(x.shape[0], 1))
+
+        return hook
+
+    return chosen, [s.register_forward_pre_hook(recorder(i)) for i, s in enumerate(routed_stages(gm))]
+
+
+@routings
+@RULE_SETTINGS
+@given(spec=backbones(), branches=st.integers(4, 8))
+def test_each_sample_runs_its_procedures_and_backward_reaches_only_those(rule, options, spec, branches):
+    _, gm, x = convert(spec, branches, rule, options)
+    x = x[:3]  # fewer samples than procedures: hard rules must leave some procedures idle
+    chosen, handles = chosen_procedures(gm, rule, options)
     ran: dict[int, int] = {}  # samples each procedure ran on, by id(procedure)
     for stage in routed_stages(gm):
         for p in stage.procedures:
@@ -84,25 +160,58 @@ def test_each_sample_runs_one_procedure_and_backward_reaches_only_those(spec, br
     with hooks(handles):
         gm.train()
         gm(x).square().sum().backward()
-    for stage, stage_routes in zip(routed_stages(gm), routes):
-        route = torch.cat(stage_routes)
+    for stage, stage_chosen in zip(routed_stages(gm), chosen):
+        picks = torch.cat(stage_chosen).reshape(-1)
+        assert picks.numel() == x.shape[0] * paths_per_sample(rule, options, branches)
         counts = [ran.get(id(p), 0) for p in stage.procedures]
-        assert counts == torch.bincount(route, minlength=branches).tolist()  # one procedure per sample
-        used = set(route.tolist())
-        assert len(used) < branches
+        assert counts == torch.bincount(picks, minlength=branches).tolist()  # each sample: its procedures only
+        used = set(picks.tolist())
         for j, procedure in enumerate(stage.procedures):
             reached = any(p.grad is not None for p in procedure.parameters())
             assert reached == (j in used), f"procedure {j}: reached={reached}, used={sorted(used)}"
-        assert not stage.router.memory.requires_grad and stage.router.memory.grad is None
+        if rule == "memory":
+            assert len(used) < branches
+            assert not stage.router.memory.requires_grad and stage.router.memory.grad is None
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(backbones(max_stages=3), branch_counts, st.booleans())
-def test_save_load_round_trip_gives_identical_outputs(tmp_path_factory, spec, branches, attention):
-    _, gm, x = convert(spec, branches, attention)
-    spread_routes(gm, x)
+@routings
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=backbones(max_stages=3), branches=st.integers(2, 4))
+def test_training_breaks_the_clones_symmetry_and_reaches_every_routing_parameter(rule, options, spec, branches):
+    """Clones start identical; a few SGD steps later every stage's clones differ (for the
+    soft rules and the gate; memory routing separates them by its k-means step), and a
+    backward pass reaches every parameter of the rule (gates, mixers, attention), with a
+    nonzero gradient in each of its modules (a single parameter may sit behind a ReLU that
+    is off for the whole batch, as in any MLP)."""
+    base = spec.build()
+    size = (3, spec.input_side, spec.input_side)
+    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=size, **options)
+    x = torch.randn(16, *size, generator=torch.Generator().manual_seed(3))
+    if rule == "memory":
+        spread_routes(gm, x)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05)
+    gm.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        gm(x).logsumexp(dim=1).mean().backward()
+        optimizer.step()
+    for stage in routed_stages(gm):
+        clones = [torch.cat([p.detach().flatten() for p in procedure.parameters()]) for procedure in stage.procedures]
+        assert rule == "memory" or all(not torch.equal(clones[0], other) for other in clones[1:]), f"{rule}: clones still identical"
+        for module_name, module in stage.named_children():
+            if module_name != "procedures" and any(True for _ in module.parameters()):
+                assert all(p.grad is not None for p in module.parameters()), f"{rule}: {module_name} is not in the graph"
+                assert sum(p.grad.abs().sum() for p in module.parameters()) > 0, f"{rule}: {module_name} gets no gradient"
+
+
+@routings
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=backbones(max_stages=3), branches=branch_counts)
+def test_save_load_round_trip_gives_identical_outputs(tmp_path_factory, rule, options, spec, branches):
+    _, gm, x = convert(spec, branches, rule, options)
     path = tmp_path_factory.mktemp("rt") / "model.pt"
     rmn_fx.save(gm, str(path))
     loaded = rmn_fx.load(str(path), model=spec.build())
+    assert [type(s) for s in routed_stages(loaded)] == [type(s) for s in routed_stages(gm)]
     with torch.no_grad():
         assert torch.equal(gm(x), loaded(x))

@@ -1,4 +1,4 @@
-"""MemoryRouter, dispatch, Conditional Attention and RoutedStage on their own."""
+"""MemoryRouter, dispatch, Conditional Attention and memory-routed stages on their own."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rmn_fx import RoutedStage
+from rmn_fx.nn import PartSpec, RoutingConfig, create_stage
 from rmn_fx.nn.attention import ConditionalAttention
 from rmn_fx.nn.routing import MemoryRouter, dispatch
 
@@ -71,9 +71,13 @@ def block():
     return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
 
 
+def memory_stage(branches: int):
+    return create_stage(block(), PartSpec(in_channels=4, out_channels=4), RoutingConfig("memory", branches))
+
+
 @pytest.mark.parametrize("spatial", [1, 4])
 def test_training_step_with_a_one_sample_procedure_does_not_crash(spatial):
-    stage = RoutedStage(block(), branches=3, in_channels=4, out_channels=4).train()
+    stage = memory_stage(3).train()
     x = torch.randn(4, 4, spatial, spatial)
     stage.router.memory.copy_(torch.stack([x[0].mean((1, 2)), x[1].mean((1, 2)), x[2].mean((1, 2)) + 100]))
     y = stage(x)  # procedure 1 receives exactly one sample, with batch norm in training mode
@@ -84,7 +88,7 @@ def test_training_step_with_a_one_sample_procedure_does_not_crash(spatial):
 
 
 def test_a_lone_training_sample_uses_running_statistics():
-    stage = RoutedStage(block(), branches=1, in_channels=4, out_channels=4)
+    stage = memory_stage(1)
     x = torch.randn(1, 4, 3, 3)
     with torch.no_grad():
         assert torch.equal(stage.train()(x), stage.eval()(x))

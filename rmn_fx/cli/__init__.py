@@ -21,7 +21,8 @@ from .train import evaluate, report, train
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="rmn-fx")
 def cli():
-    """Compile torchvision/timm models into Neural Routing by Memory (RMN) networks.
+    """Compile torchvision/timm models into routed networks: Neural Routing by Memory
+    (RMN, the default), learned top-k gates, multi-path cross-connections and cross-prediction.
 
     MODEL is a torchvision name (resnet50), a timm name (convnext_tiny, or timm:NAME to
     force timm), or PACKAGE.MODULE:FACTORY for your own. Weights stay random unless

@@ -1,7 +1,8 @@
 """Options shared by the commands, so that each has one name and one meaning everywhere.
 
     model_options        MODEL, --weights, --input-size, --stages, --remove-downsamplings
-    conversion_options   --branches, --attention/--no-attention, --routed, --memory-momentum
+    conversion_options   --routing, --branches, --routed and the rules' options: --top-k (gate),
+                         --attention/--no-attention and --memory-momentum (memory)
     --num-classes        convert and inspect (train takes the class count from its data)
     --trust-factory      commands that rebuild a model from a file or a run directory
 """
@@ -64,12 +65,32 @@ def model_options(model_required: bool = True, input_help: str = "the model's ow
     )
 
 
+class RuleName(click.ParamType):
+    """A registered routing rule, checked against the registry only when used (so that
+    `--help` does not import torch)."""
+
+    name = "RULE"
+
+    def convert(self, value, param, ctx):
+        from rmn_fx.nn.rules import rule_names
+
+        if value not in rule_names():
+            self.fail(f"'{value}' is not a routing rule; choose one of: {', '.join(rule_names())}", param, ctx)
+        return value
+
+
+ROUTING_HELP = "The routing rule: memory (RMN), gate (learned top-k), cross-connections or cross-prediction (multi-path)."
+CONVERSION_PARAMS = ("routing", "branches", "top_k", "attention", "routed", "memory_momentum")
+
+
 def conversion_options(f):
     """How the stages are routed."""
     return _apply(
         [
+            click.option("--routing", type=RuleName(), default="memory", show_default=True, help=ROUTING_HELP),
             click.option("-b", "--branches", type=click.IntRange(min=1), default=8, show_default=True, help="Procedures (N) per routed stage."),
-            click.option("--attention/--no-attention", default=True, show_default=True, help="Conditional Attention at the end of each routed stage."),
+            click.option("--top-k", type=click.IntRange(min=1), help="Procedures each sample runs through, for --routing gate [default: 1]."),
+            click.option("--attention/--no-attention", default=None, help="Conditional Attention at the end of each routed stage, for --routing memory [default: on]."),
             click.option("--routed", type=StageIndices(), help="Stage numbers to route, e.g. 2,3,4 [default: all]."),
             click.option("--memory-momentum", type=click.FloatRange(0.0, 1.0, max_open=True), help="Moving-average factor a of the memories [default: 0.9, the paper's]."),
         ]

@@ -2,7 +2,19 @@
 Imports nothing from the rest of rmn-fx but its errors."""
 
 from .attention import ConditionalAttention
-from .routed_stage import RoutedStage, routed_stages
+from .routed_stage import PartSpec, RoutedStage, routed_stages
 from .routing import MemoryRouter, dispatch
+from .rules import RoutingConfig, create_stage, register_rule, rule_names
 
-__all__ = ["ConditionalAttention", "MemoryRouter", "RoutedStage", "dispatch", "routed_stages"]
+__all__ = [
+    "ConditionalAttention",
+    "MemoryRouter",
+    "PartSpec",
+    "RoutedStage",
+    "RoutingConfig",
+    "create_stage",
+    "dispatch",
+    "register_rule",
+    "routed_stages",
+    "rule_names",
+]

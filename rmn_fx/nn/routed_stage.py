@@ -1,63 +1,101 @@
-"""RoutedStage: a stage replaced by a memory router, N procedures and optional attention."""
+"""RoutedStage: the seam every routing rule plugs into.
+
+A routed part of a converted network is N procedures (exact clones of the original part)
+and a rule that says, per sample, which procedures run and with what weights. Each rule is
+a subclass in `rules/`, registered by name; the rewrite builds it from a `PartSpec` (what
+the anatomy knows about the part) and a `RoutingConfig`. Every rule weighs identical
+clones with weights that sum to 1 per destination, so a freshly built stage computes what
+its procedure computes, whatever the rule's initial parameters.
+
+Phases (`set_phase`): in "stem" (the first step of every recipe) each sample runs through
+procedure 0 alone, as in the base network; in "routed" (the default) the rule decides.
+The phase is not in the state dict: the training checkpoint records it.
+"""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .attention import ConditionalAttention
 from .layout import LAYOUTS
-from .routing import MemoryRouter, dispatch
 
 PHASES = ("stem", "routed")
 
 
-class RoutedStage(nn.Module):
-    """N parallel procedures (clones of one stage) behind a nearest-memory router.
+@dataclass(frozen=True)
+class PartSpec:
+    """What a rule needs to know of the part it routes (filled by the rewrite).
 
-    The key is the global average of the stage input; each sample runs through the one
-    procedure its key is routed to; Conditional Attention (if on) gates the result.
-    Right after construction all procedures equal `procedure` and the attention is the
-    identity, so the stage computes what `procedure` computes.
-
-    Phases (`set_phase`): in "stem" (step 1 of the recipe) every sample runs through
-    procedure 0, memories stay put, and the attention sees a uniformly random route in
-    training (its mean, the uniform code, in eval mode, so that evaluation is
-    deterministic); in "routed" (the default) samples go where the router sends them.
-    The phase is not in the state dict: the training checkpoint records it.
-    `share_across_ranks` prepares the stage for data-parallel training.
+    receives_paths / emits_paths: for multi-path rules, whether the part takes the N paths
+    of the routed part before it, and hands its N paths on to the next one (instead of
+    combining them into one tensor).
     """
 
-    def __init__(
-        self,
-        procedure: nn.Module,
-        branches: int,
-        in_channels: int,
-        out_channels: int,
-        in_layout: str = "NCHW",
-        out_layout: str = "NCHW",
-        attention: bool = True,
-        momentum: float = 0.9,
-    ) -> None:
+    in_channels: int
+    out_channels: int
+    in_layout: str = "NCHW"
+    out_layout: str = "NCHW"
+    in_shape: tuple[int, ...] = ()  # one sample's input shape
+    out_shape: tuple[int, ...] = ()  # one sample's output shape
+    receives_paths: bool = False
+    emits_paths: bool = False
+
+
+class RoutedStage(nn.Module):
+    """N clones of one part behind a routing rule (subclasses implement `routed_forward`)."""
+
+    rule: ClassVar[str] = ""  # the registered name, set by `register_rule`
+    options: ClassVar[dict[str, object]] = {}  # RoutingConfig fields this rule reads, with defaults
+    multipath: ClassVar[bool] = False  # carries N tensors from one routed part to the next
+
+    def __init__(self, procedure: nn.Module, spec: PartSpec, config) -> None:
         super().__init__()
-        self.in_layout = in_layout
+        self.spec, self.config = spec, config  # config: the RoutingConfig it was built from
+        self.in_layout = spec.in_layout
         self._phase = "routed"
         self._every_procedure = False
-        self.router = MemoryRouter(branches, in_channels, momentum)
-        self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(branches - 1)])
-        self.attention = ConditionalAttention(out_channels, branches, out_layout) if attention else None
-        like = next((p for p in procedure.parameters() if p.is_floating_point()), None)
-        if like is not None:  # router and attention live where the procedure does, in its dtype
-            self.router.to(like.device, like.dtype)
-            if self.attention is not None:
-                self.attention.to(like.device, like.dtype)
+        self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(config.branches - 1)])
+
+    def place_like_procedure(self, *modules: nn.Module | None) -> None:
+        """Move the rule's own modules to the procedure's device and floating dtype."""
+        like = next((p for p in self.procedures[0].parameters() if p.is_floating_point()), None)
+        if like is not None:
+            for module in modules:
+                if module is not None:
+                    module.to(like.device, like.dtype)
 
     @property
     def branches(self) -> int:
         return len(self.procedures)
+
+    @property
+    def paths_per_sample(self) -> int:
+        """How many procedures each sample runs through (1 for hard routing, N for dense rules)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_options(cls, config) -> None:
+        """Raise OptionError if `config`'s options do not fit this rule."""
+
+    @classmethod
+    def rule_parameters(cls, spec: PartSpec, config) -> int:
+        """Trainable parameters the rule adds to the N procedures (known before building)."""
+        raise NotImplementedError
+
+    @classmethod
+    def rule_buffer_numel(cls, spec: PartSpec, config) -> int:
+        """Buffer entries the rule adds (memories), for the memory check before copying."""
+        return 0
+
+    def routing_flops_per_sample(self) -> int:
+        """FLOPs per sample of the rule's own matrix products (2 per multiply-add), as
+        `torch.utils.flop_counter` counts them: its linear layers and path weighting."""
+        raise NotImplementedError
 
     def set_phase(self, phase: str) -> None:
         if phase not in PHASES:
@@ -65,35 +103,36 @@ class RoutedStage(nn.Module):
         self._phase = phase
 
     def share_across_ranks(self, all_reduce: Callable[[torch.Tensor], None], every_procedure: bool) -> None:
-        """Data-parallel training: memory statistics are summed over ranks by `all_reduce`
-        (in place), so every rank keeps identical memories; with `every_procedure` (SyncBN)
-        every procedure runs on every step, on an empty sub-batch if need be, so that the
-        collective layers inside run on all ranks."""
-        self.router.share_statistics(all_reduce)
+        """Data-parallel training: with `every_procedure` (SyncBN) every procedure runs on
+        every step, on an empty sub-batch if need be, so that the collective layers inside
+        run on all ranks. Rules with statistics also sum them over ranks with `all_reduce`."""
         self._every_procedure = every_procedure
 
     def key(self, x: torch.Tensor) -> torch.Tensor:
-        """The routing key of each sample: the global average of the stage input, [B, C]."""
+        """A sample's summary for routing: the global average of the part's input, [B, C]."""
         return LAYOUTS[self.in_layout].pool(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         if self._phase == "stem":
-            return self._stem_forward(x)
-        route = self.router(self.key(x))
-        y = dispatch(x, route, self.procedures, self._every_procedure)
-        if self.attention is not None:
-            y = self.attention(y, route)
-        return y
+            return self.stem_forward(x)
+        return self.routed_forward(x)
 
-    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.procedures[0](x)
-        if self.attention is None:
-            return y
-        if self.training:
-            route = torch.randint(self.branches, (x.shape[0],), device=x.device)
-            return self.attention(y, route)
-        uniform = torch.full((x.shape[0], self.branches), 1.0 / self.branches, device=x.device)
-        return self.attention.gate(y, uniform)
+    def stem_forward(self, x):
+        return self.procedures[0](x)
+
+    def routed_forward(self, x):
+        raise NotImplementedError
+
+
+def weigh(weights: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """out[b, t] = sum_s weights[b, s, t] * paths[b, s]: paths [B, S, ...] -> [B, T, ...].
+
+    One batched matrix product, so the FLOP counter sees the weighting (2 * S * T * D per
+    sample for D entries per path) and a weight of exactly 1 over one path is exact."""
+    batch, sources = paths.shape[:2]
+    flat = paths.reshape(batch, sources, -1)
+    mixed = torch.bmm(weights.transpose(1, 2).to(flat.dtype), flat)
+    return mixed.view(batch, weights.shape[2], *paths.shape[2:])
 
 
 def routed_stages(model: nn.Module) -> list[RoutedStage]:

@@ -1,0 +1,98 @@
+"""A learned top-k gate (mixture of experts over clones, as in sparse upcycling).
+
+    g = softmax(W norm(GAP(x)) + b)        over the N procedures
+    y = sum over the k largest g_j of w_j * P_j(x),   w_j = g_j / sum_topk g
+
+`norm` standardises each channel of the key (BatchNorm without affine parameters: batch
+statistics in training, running ones in eval, so a sample's route never depends on its
+batch at inference). Without it every key shares one large mean component and a fresh
+gate sends all samples to one procedure; the bias starts at zero for the same reason.
+
+Each sample runs through its k procedures only (one dispatch over the (sample, slot)
+pairs). With k = 1 the weight is g_j / stop_gradient(g_j): exactly 1 in value, so the
+output is exact, yet the gate gets g_j's gradient. The weights sum to 1 for any W, so the
+gate starts random (what breaks the clones' symmetry) and conversion stays exact.
+
+In training mode each forward records the load-balancing loss N * sum_j f_j * mean_b g_bj
+(f_j: the fraction of samples whose first choice is j; Switch Transformer), which the
+recipe adds with its coefficient (`balance_loss`), and counts the samples per procedure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rmn_fx.errors import OptionError
+
+from ..routed_stage import PartSpec, RoutedStage, weigh
+from ..routing import dispatch, run_procedure
+from .registry import register_rule
+
+
+@register_rule("gate")
+class GatedStage(RoutedStage):
+    options = {"top_k": 1}
+
+    def __init__(self, procedure, spec: PartSpec, config) -> None:
+        super().__init__(procedure, spec, config)
+        self.top_k = config.top_k
+        self.key_norm = nn.BatchNorm1d(spec.in_channels, affine=False)
+        self.gate = nn.Linear(spec.in_channels, config.branches)
+        nn.init.zeros_(self.gate.bias)
+        self.register_buffer("samples", torch.zeros(config.branches, dtype=torch.long))
+        self._balance_loss: torch.Tensor | None = None
+        self.place_like_procedure(self.key_norm, self.gate)
+
+    @classmethod
+    def check_options(cls, config) -> None:
+        k = config.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.branches:
+            raise OptionError(f"top_k (--top-k) must be an integer in 1..branches ({config.branches}), got {k!r}")
+
+    @classmethod
+    def rule_parameters(cls, spec: PartSpec, config) -> int:
+        return spec.in_channels * config.branches + config.branches
+
+    @classmethod
+    def rule_buffer_numel(cls, spec: PartSpec, config) -> int:
+        return 2 * spec.in_channels + 1  # the key norm's running mean and variance, its step count
+
+    @property
+    def paths_per_sample(self) -> int:
+        return self.top_k
+
+    def routing_flops_per_sample(self) -> int:
+        entries = 1
+        for side in self.spec.out_shape:
+            entries *= side
+        return 2 * self.gate.weight.numel() + 2 * self.top_k * entries
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}"
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's softmax over procedures, [B, N]."""
+        key = run_procedure(self.key_norm, self.key(x).to(self.gate.weight.dtype))
+        return torch.softmax(self.gate(key), dim=1)
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the latest training forward (None before one)."""
+        return self._balance_loss
+
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.probabilities(x)
+        top, chosen = g.topk(self.top_k, dim=1)
+        weights = top / top.detach() if self.top_k == 1 else top / top.sum(dim=1, keepdim=True)
+        if self.training:
+            self._record(g, chosen)
+        inputs = x if self.top_k == 1 else x.repeat_interleave(self.top_k, dim=0)
+        y = dispatch(inputs, chosen.reshape(-1), self.procedures, self._every_procedure)
+        y = y.view(x.shape[0], self.top_k, *y.shape[1:])
+        return weigh(weights.unsqueeze(2), y).squeeze(1)
+
+    def _record(self, g: torch.Tensor, chosen: torch.Tensor) -> None:
+        first = torch.bincount(chosen[:, 0], minlength=self.branches).to(g.dtype) / g.shape[0]
+        self._balance_loss = self.branches * (first * g.mean(dim=0)).sum()
+        with torch.no_grad():
+            self.samples += torch.bincount(chosen.reshape(-1), minlength=self.branches)

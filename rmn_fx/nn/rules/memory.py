@@ -1,0 +1,77 @@
+"""Memory routing (RMN): nearest-memory hard routing and Conditional Attention.
+
+The key is the global average of the stage input; each sample runs through the one
+procedure its key is routed to; Conditional Attention (if on) gates the result. Right after
+construction the memories are zero (every sample takes procedure 0) and the attention is
+the identity. In the stem phase every sample runs through procedure 0, memories stay put,
+and the attention sees a uniformly random route in training (its mean, the uniform code,
+in eval mode, so that evaluation is deterministic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rmn_fx.errors import OptionError
+
+from ..attention import ConditionalAttention
+from ..routed_stage import PartSpec, RoutedStage
+from ..routing import MemoryRouter, dispatch
+from .registry import register_rule
+
+
+@register_rule("memory")
+class MemoryRoutedStage(RoutedStage):
+    options = {"attention": True, "momentum": 0.9}
+
+    def __init__(self, procedure, spec: PartSpec, config) -> None:
+        super().__init__(procedure, spec, config)
+        self.router = MemoryRouter(config.branches, spec.in_channels, config.momentum)
+        self.attention = ConditionalAttention(spec.out_channels, config.branches, spec.out_layout) if config.attention else None
+        self.place_like_procedure(self.router, self.attention)
+
+    @classmethod
+    def check_options(cls, config) -> None:
+        if not 0.0 <= config.momentum < 1.0:
+            raise OptionError(f"momentum (--memory-momentum) must lie in [0, 1), got {config.momentum!r}")
+
+    @classmethod
+    def rule_parameters(cls, spec: PartSpec, config) -> int:
+        return ConditionalAttention.parameter_count(spec.out_channels, config.branches) if config.attention else 0
+
+    @classmethod
+    def rule_buffer_numel(cls, spec: PartSpec, config) -> int:
+        return config.branches * spec.in_channels
+
+    @property
+    def paths_per_sample(self) -> int:
+        return 1
+
+    def routing_flops_per_sample(self) -> int:
+        if self.attention is None:
+            return 0
+        return 2 * (self.attention.squeeze.weight.numel() + self.attention.excite.weight.numel())
+
+    def share_across_ranks(self, all_reduce: Callable[[torch.Tensor], None], every_procedure: bool) -> None:
+        """Also sum the memories' statistics over ranks, so every rank keeps identical memories."""
+        super().share_across_ranks(all_reduce, every_procedure)
+        self.router.share_statistics(all_reduce)
+
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.router(self.key(x))
+        y = dispatch(x, route, self.procedures, self._every_procedure)
+        if self.attention is not None:
+            y = self.attention(y, route)
+        return y
+
+    def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.procedures[0](x)
+        if self.attention is None:
+            return y
+        if self.training:
+            route = torch.randint(self.branches, (x.shape[0],), device=x.device)
+            return self.attention(y, route)
+        uniform = torch.full((x.shape[0], self.branches), 1.0 / self.branches, device=x.device)
+        return self.attention.gate(y, uniform)
