@@ -52,12 +52,10 @@ def build_model(config: RunConfig, num_classes: int) -> tuple[nn.Module, list[st
     base, new_head = build_base(config, num_classes)
     model = rmn_fx.transform(
         base,
-        branches=config.branches,
-        attention=config.attention,
+        routing=config.routing_config(),
         stages=config.stages,
         routed=config.routed,
         input_size=tuple(config.input_size),
-        momentum=config.memory_momentum,
         remove_downsamplings=config.remove_downsamplings,
     )
     model.meta["rmn_fx"]["source"] = {"model": config.model, "num_classes": num_classes}

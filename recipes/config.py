@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 from rmn_fx.errors import OptionError, RMNError
 
+from rmn_fx.nn.rules import RoutingConfig, rule_class
+
 from .presets import resolve
 
 # what makes a run the run it is: a resume may not change these
-IDENTITY = ("model", "branches", "attention", "stages", "routed", "weights", "input_size", "remove_downsamplings", "data")
+IDENTITY = ("model", "routing", "branches", "top_k", "attention", "stages", "routed", "weights", "input_size", "remove_downsamplings", "data")
 # how a run is executed on this machine: a resume may change these
 MACHINE = ("device", "workers")
 
@@ -48,7 +50,10 @@ class RunConfig:
     memory_momentum: float
     input_size: list[int]  # C, H, W of the training images
     remove_downsamplings: int = 0
-    attention: bool = True
+    routing: str = "memory"  # the rule (rmn_fx.nn.rule_names())
+    top_k: int | None = None  # gate: procedures per sample (None: the rule's default)
+    attention: bool | None = None  # memory: Conditional Attention (None: the rule's default, on)
+    balance_loss: float = 0.01  # gate: weight of the load-balancing loss (Switch Transformer's)
     stages: str | None = None
     routed: list[int] | None = None
     weights: str | None = None
@@ -67,16 +72,28 @@ class RunConfig:
         """Recipe defaults, then the user's `overrides` of recipe values (None: not given),
         then the run `settings` (conversion and machine options)."""
         values = resolve(recipe, model, branches, overrides)
+        if overrides.get("memory_momentum") is not None:  # given by the user: it must apply
+            RoutingConfig(settings.get("routing", "memory"), branches, momentum=overrides["memory_momentum"])
         config = cls(recipe=recipe, model=model, branches=branches, **values, **settings)
         config.input_size = list(config.input_size)
         config.validate()
         return config
 
+    def routing_config(self) -> RoutingConfig:
+        """The typed routing of the run: the rule and the options it reads."""
+        values = {"attention": self.attention, "top_k": self.top_k}
+        if "momentum" in rule_class(self.routing).options:  # a recipe value, so always set
+            values["momentum"] = self.memory_momentum
+        return RoutingConfig(self.routing, self.branches, **values)
+
     def validate(self) -> None:
         """Refuse, before any work, what could only fail later."""
+        self.routing_config()
         channels, height, width = self.input_size
         if channels != 3 or height != width:
             raise OptionError(f"training images are square RGB: give --input-size 3,S,S (or S), not {','.join(map(str, self.input_size))}")
+        if self.kmeans_samples is not None and self.routing != "memory":
+            raise OptionError(f"--kmeans-samples sets up memories, which routing {self.routing!r} has not; leave it out")
         if self.kmeans_samples is not None and self.kmeans_samples < self.branches:
             raise OptionError(
                 f"--kmeans-samples {self.kmeans_samples} is below the branch count {self.branches}: k-means needs a key per memory; "

@@ -62,6 +62,8 @@ class EpochTotals:
     correct: int = 0
     samples: int = 0
     steps: int = 0
+    auxiliary_loss: float = 0.0  # sum over steps of the rules' auxiliary loss (unweighted)
+    auxiliary_steps: int = 0
     interrupted: bool = False
     recent_losses: list[float] = field(default_factory=list)  # the last LOSS_WINDOW steps' mean losses
 
@@ -75,6 +77,10 @@ class EpochTotals:
     @property
     def recent_mean_loss(self) -> float:
         return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else math.nan
+
+    @property
+    def mean_auxiliary_loss(self) -> float:
+        return self.auxiliary_loss / self.auxiliary_steps if self.auxiliary_steps else math.nan
 
     @property
     def mean_loss(self) -> float:
@@ -99,7 +105,9 @@ class StepContext:
     progress: str | None = None
     seed: int | None = None  # set: every step is seeded by step_seed(seed, step, rank)
     rank: int = 0
+    world: int = 1  # ranks whose statistics `reduce` sums
     max_loss: float | None = None  # a loss averaged over LOSS_WINDOW steps above it stops the run
+    auxiliary_weight: float = 0.0  # weight of the rules' auxiliary losses (the gate's load balancing)
 
     def autocast(self):
         if not self.amp:
@@ -124,6 +132,7 @@ def train_epoch(
     last LOSS_WINDOW steps exceeds `context.max_loss`."""
     context = context or StepContext()
     totals = totals or EpochTotals()
+    stages = routed_stages(model)
     model.train()
     status = lambda: f"loss {totals.recent_mean_loss:.4f}"
     for images, labels in progress(batches, context.progress, status=status):
@@ -136,13 +145,19 @@ def train_epoch(
         with context.autocast():
             logits = model(images)
             loss = loss_fn(logits.float(), labels)
+        auxiliary = auxiliary_loss(stages)
         stop = 1.0 if context.should_stop() else 0.0  # summed over ranks: all stop at the same step
         stats = torch.stack([loss.detach().float() * labels.shape[0], (logits.argmax(1) == labels).sum().float()])
-        stats = torch.cat([stats, stats.new_tensor([labels.shape[0], stop])])
+        extra = [labels.shape[0], stop, 0.0 if auxiliary is None else float(auxiliary)]
+        stats = torch.cat([stats, stats.new_tensor(extra)])
         if context.reduce is not None:
             context.reduce(stats)
         if not torch.isfinite(stats[0]):
             raise DivergenceError(f"the loss became {float(stats[0])} at step {step}")
+        if auxiliary is not None:
+            loss = loss + context.auxiliary_weight * auxiliary
+            totals.auxiliary_loss += float(stats[4]) / context.world
+            totals.auxiliary_steps += 1
         optimizer.zero_grad(set_to_none=True)
         if context.scaler is not None:
             context.scaler.scale(loss).backward()
@@ -163,6 +178,12 @@ def train_epoch(
             totals.interrupted = True
             break
     return totals
+
+
+def auxiliary_loss(stages) -> torch.Tensor | None:
+    """The sum of the routed stages' auxiliary losses of the latest forward (None if none has one)."""
+    losses = [loss for loss in (s.auxiliary_loss() for s in stages) if loss is not None]
+    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
 
 
 def train_stem(model, epochs: int, batches_for_epoch: Callable[[int], Iterable], optimizer, context=None) -> list[EpochTotals]:
@@ -204,20 +225,24 @@ def evaluate(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     desc: str | None = None,
 ) -> tuple[dict, list[RouteCounts]]:
-    """Loss, accuracy and the accuracy of chance over `batches`, and the routes of every
-    routed stage (empty while the model is in the stem phase). `contexts` yields one tensor
-    of context indices per batch (the embedded data's hidden contexts); `desc` names the
-    progress display."""
-    stages = routed_stages(model)
+    """Loss, accuracy and the accuracy of chance over `batches`, and the routes (first
+    choices) of every routed stage that has them (none in the stem phase, none for rules
+    that run every path). `contexts` yields one tensor of context indices per batch (the
+    embedded data's hidden contexts); `desc` names the progress display."""
+    stages = [s for s in routed_stages(model) if s.phase == "routed"]
     routes: list[torch.Tensor | None] = [None] * len(stages)
     device = device or next(model.parameters()).device
     by_class = [torch.zeros(s.branches, num_classes, dtype=torch.long, device=device) for s in stages]
     by_context = [torch.zeros(s.branches, max(context_count, 1), dtype=torch.long, device=device) for s in stages]
+    routing = [False] * len(stages)  # whether the stage reported routes
     per_class = torch.zeros(num_classes, dtype=torch.float64, device=device)
     stats = torch.zeros(2, dtype=torch.float64, device=device)
     context_iter = iter(contexts) if contexts is not None else None
-    recorders = [s.router.register_forward_hook(lambda m, a, out, i=i: routes.__setitem__(i, out)) for i, s in enumerate(stages)]
-    with hooks(recorders), training_mode(model, False):
+
+    def recorder(i):
+        return lambda stage, args: routes.__setitem__(i, stage.first_choice(args[0]))
+
+    with hooks(s.register_forward_pre_hook(recorder(i)) for i, s in enumerate(stages)), training_mode(model, False):
         for images, labels in progress(batches, desc):
             images, labels = images.to(device), labels.to(device)
             routes[:] = [None] * len(stages)
@@ -228,6 +253,7 @@ def evaluate(
             for i, route in enumerate(routes):
                 if route is None:
                     continue
+                routing[i] = True
                 by_class[i].index_put_((route, labels), torch.ones_like(route), accumulate=True)
                 if batch_contexts is not None:
                     by_context[i].index_put_((route, batch_contexts), torch.ones_like(route), accumulate=True)
@@ -241,5 +267,5 @@ def evaluate(
         "samples": int(samples),
         "chance_accuracy": float(per_class.max() / samples),  # always guessing the most frequent class
     }
-    counts = [RouteCounts(c.cpu(), x.cpu() if contexts is not None else None) for c, x in zip(by_class, by_context)]
+    counts = [RouteCounts(c.cpu(), x.cpu() if contexts is not None else None) for c, x, r in zip(by_class, by_context, routing) if r]
     return summary, counts

@@ -9,9 +9,9 @@ from .statistics import stage_routing
 
 
 def epoch_row(trainer, epoch: int, start_counts, summary: dict, counts, seconds: float) -> dict:
-    """Losses, accuracies, LR and, once routed, per-stage load, dead procedures and routing
-    statistics of the epoch that just ended (`start_counts`: the routers' sample counters
-    when it began)."""
+    """Losses, accuracies, LR and, once routed, per-stage load, dead procedures (memory
+    routing), the balance loss (the gate) and routing statistics of the epoch that just
+    ended (`start_counts`: the stages' sample counters when it began)."""
     routed = trainer.progress["memories"]
     row = {
         "epoch": epoch + 1,
@@ -25,24 +25,27 @@ def epoch_row(trainer, epoch: int, start_counts, summary: dict, counts, seconds:
     }
     if not routed:
         return row
-    dead = trainer.monitor.dead()
-    now = [s.router.samples.detach().cpu() for s in routed_stages(trainer.model)]
+    if trainer.totals.auxiliary_steps:
+        row["train_balance_loss"] = trainer.totals.mean_auxiliary_loss
+    stages_now = routed_stages(trainer.model)
+    dead = trainer.monitor.dead() if trainer.monitor else [[] for _ in stages_now]
     stages = []
-    for i, (before, after, test_row) in enumerate(zip(start_counts, now, stage_routing(counts))):
-        load = after - before
-        stages.append(
-            {
-                "stage": i + 1,
-                "train_samples_per_procedure": load.tolist(),
-                "dead": dead[i],
-                **{f"train_{k}": v for k, v in load_balance(load).items()},
-                **{k: v for k, v in test_row.items() if k.startswith(("nmi", "purity"))},
-            }
-        )
-    row["stages"] = stages
-    row["dead_procedures"] = sum(len(d) for d in dead)
-    row["revived_procedures"] = trainer.monitor.revived
-    if trainer.group.distributed:
+    for i, (stage, before, test_row) in enumerate(zip(stages_now, start_counts, stage_routing(counts))):
+        after = stage.sample_counts()
+        row_stage = {"stage": i + 1}
+        if after is not None:
+            load = after.detach().cpu() - before
+            row_stage.update({"train_samples_per_procedure": load.tolist(), **{f"train_{k}": v for k, v in load_balance(load).items()}})
+        if trainer.monitor:
+            row_stage["dead"] = dead[i]
+        row_stage.update({k: v for k, v in test_row.items() if k.startswith(("nmi", "purity"))})
+        stages.append(row_stage)
+    if stages:  # rules whose samples take every path have no routes to count
+        row["stages"] = stages
+    if trainer.monitor:
+        row["dead_procedures"] = sum(len(d) for d in dead)
+        row["revived_procedures"] = trainer.monitor.revived
+    if trainer.group.distributed and trainer.uses_memories:
         row["memory_spread_across_ranks"] = memory_spread(trainer)
     return row
 

@@ -118,7 +118,7 @@ def plot_routes(evaluation: dict):
 
 def summary_text(config, history: list[dict], evaluation: dict | None) -> str:
     """What was trained, the epochs, the final routing; a warning first if at chance."""
-    routing = f"memory routing, N = {config.branches}" + (" + Conditional Attention" if config.attention else "") if config.branches > 1 else "none (N = 1)"
+    routing = config.routing_config().describe() + f", N = {config.branches}" if config.branches > 1 else "none (N = 1)"
     lines = []
     if evaluation and evaluation.get("at_chance"):
         lines += [f"**WARNING: the final test accuracy {evaluation['accuracy']:.4f} is at chance ({evaluation['chance_accuracy']:.4f}): the model did not learn.**", ""]

@@ -133,14 +133,17 @@ class RunDirectory:
 
 
 def metrics_csv(history: list[dict]) -> str:
-    """The scalar columns of each epoch, plus per-stage dead counts, balance and NMI."""
+    """The scalar columns of each epoch, plus per-stage dead counts, balance and NMI (where
+    the rule has them)."""
     rows = []
     for row in history:
         flat = {k: v for k, v in row.items() if not isinstance(v, (list, dict))}
         for stage in row.get("stages", []):
             i = stage["stage"]
-            flat[f"stage{i}_dead"] = len(stage["dead"])
-            flat[f"stage{i}_balance_entropy"] = stage["train_entropy"]
+            if "dead" in stage:  # memory routing
+                flat[f"stage{i}_dead"] = len(stage["dead"])
+            if "train_entropy" in stage:  # rules that count samples per procedure
+                flat[f"stage{i}_balance_entropy"] = stage["train_entropy"]
             flat[f"stage{i}_nmi_class"] = stage["nmi_class"]
         rows.append(flat)
     columns = list(dict.fromkeys(k for row in rows for k in row))

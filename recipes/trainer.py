@@ -1,9 +1,10 @@
-"""The `train` driver: the four steps in order, in a run directory that survives crashes.
+"""The `train` driver: the recipe's steps in order, in a run directory that survives crashes.
 
     train(config, run_dir, resume)   joins the process group, builds, runs, leaves the group
 
 `Trainer` holds finished parts (built by `Trainer.build`) and only orders the steps:
-stem epochs, cloning, k-means memories, routed epochs, a checkpoint after each. A resumed
+stem epochs, cloning, k-means memories (memory routing only: the other rules train on
+from the clones), routed epochs, a checkpoint after each. A resumed
 run gives the uninterrupted run's result exactly: batches depend only on (seed, epoch),
 augmentation on (seed, epoch, sample), the LR and every step's random draws on the step;
 memories, monitors and optimizer state are in the checkpoint. Ctrl-C and SIGTERM (Slurm,
@@ -95,6 +96,8 @@ class Trainer:
         self.data, self.model, self.optimizer = data, model, optimizer
         self.amp = config.amp if config.amp is not None else device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and device.type == "cuda" else None
+        self.uses_memories = config.routing == "memory"
+        # "memories": routing is set up (k-means done, or nothing to do for other rules)
         self.progress = {"epoch": 0, "batch": 0, "cloned": False, "memories": False}
         self.totals = EpochTotals()
         self.history: list[dict] = []
@@ -156,7 +159,7 @@ class Trainer:
         self.totals = EpochTotals(**state["totals"])
         self.history = list(state["history"])
         self.epoch_start_counts = state["epoch_start_counts"]
-        if self.progress["memories"]:
+        if self.progress["memories"] and self.uses_memories:
             self.monitor = self._new_monitor()
             self.monitor.load_state_dict(state["monitor"])
 
@@ -171,14 +174,15 @@ class Trainer:
             self.progress["cloned"] = True
             self._save_checkpoint()
         if not self.progress["memories"]:
-            view = Augmented(self.data.train.base, self.data.test.transform)  # training images, unaugmented
-            keys = B.evaluation_batches(view, self.config.batch_size, self.group, self.config.workers, self.device)
-            cap = self.config.kmeans_samples
-            samples = min(len(view), cap or len(view))
-            init_memories(self.model, keys, self.config.seed, cap, samples > MINIBATCH_KMEANS_ABOVE, self.group)
+            if self.uses_memories:
+                view = Augmented(self.data.train.base, self.data.test.transform)  # training images, unaugmented
+                keys = B.evaluation_batches(view, self.config.batch_size, self.group, self.config.workers, self.device)
+                cap = self.config.kmeans_samples
+                samples = min(len(view), cap or len(view))
+                init_memories(self.model, keys, self.config.seed, cap, samples > MINIBATCH_KMEANS_ABOVE, self.group)
+                self.monitor = self._new_monitor()
             self.progress["memories"] = True
             set_phase(self.model, "routed")
-            self.monitor = self._new_monitor()
             self._save_checkpoint()
 
     def run(self) -> dict:
@@ -208,7 +212,9 @@ class Trainer:
             progress=f"epoch {epoch + 1}/{self.config.epochs}" if group.is_main else None,
             seed=self.config.seed,
             rank=group.rank,
+            world=group.world,
             max_loss=self.max_loss,
+            auxiliary_weight=self.config.balance_loss,
         )
 
     def _train_one_epoch(self, epoch: int) -> None:
@@ -247,8 +253,9 @@ class Trainer:
             SIGNAL_EXIT_CODES.get(self.stop_signal, 130),
         )
 
-    def _procedure_counts(self) -> list[torch.Tensor]:
-        return [s.router.samples.detach().cpu().clone() for s in routed_stages(self.model)]
+    def _procedure_counts(self) -> list[torch.Tensor | None]:
+        counts = [s.sample_counts() for s in routed_stages(self.model)]
+        return [None if c is None else c.detach().cpu().clone() for c in counts]
 
     def _evaluate(self, desc: str):
         data, group, size = self.data, self.group, self.config.batch_size

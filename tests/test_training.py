@@ -66,7 +66,7 @@ def test_run_directory_holds_config_metrics_checkpoint_and_a_loadable_model(fini
         assert all(sum(s["train_samples_per_procedure"]) == 5752 // 64 * 64 for s in row["stages"])
     assert (finished_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,phase,lr")
     gm = rmn_fx.load(str(finished_run / "model.pt"), trust_factory=True)  # imports tiny_models from the path
-    assert gm.meta["rmn_fx"]["branches"] == 3
+    assert gm.meta["rmn_fx"]["routing"] == {"rule": "memory", "branches": 3, "attention": True, "momentum": 0.9, "top_k": None}
     evaluation = json.loads((finished_run / "evaluation.json").read_text())
     assert evaluation["accuracy"] == rows[-1]["test_accuracy"]
     assert evaluation["accuracy"] > 0.3 and not evaluation["at_chance"]  # ten classes: training did something
@@ -155,7 +155,7 @@ def test_eval_and_report_read_the_run(finished_run):
     for name in ("curves.png", "load.png", "routes.png"):
         assert (finished_run / "report" / name).read_bytes().startswith(b"\x89PNG")
     summary = (finished_run / "report" / "summary.md").read_text()
-    for needle in (f"# {TINY}", "N = 3 + Conditional Attention", "recipe: quick", "data: digits", "| epoch |", "NMI context"):
+    for needle in (f"# {TINY}", "memory routing (attention=True, momentum=0.9), N = 3", "recipe: quick", "data: digits", "| epoch |", "NMI context"):
         assert needle in summary
     assert "WARNING" not in summary
 
@@ -193,6 +193,68 @@ def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
     assert two[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=1e-3)
     assert two[0]["test_loss"] == pytest.approx(one[0]["test_loss"], rel=3e-2)
     assert two[1]["train_loss"] == pytest.approx(one[1]["train_loss"], rel=5e-2)
+
+
+RULE_RUNS = {"gate": ["--routing", "gate", "--top-k", "2"], "cross-prediction": ["--routing", "cross-prediction"]}
+
+
+@pytest.fixture(scope="module", params=list(RULE_RUNS))
+def rule_run(request, tmp_path_factory) -> tuple[str, Path]:
+    """A finished run of each rule that is not memory routing (stem epoch, then routed)."""
+    run = tmp_path_factory.mktemp("rules") / request.param
+    done = cli(*TRAIN, *RULE_RUNS[request.param], "--epochs", "2", "-o", str(run))
+    assert done.returncode == 0, done.stderr
+    return request.param, run
+
+
+def test_every_rule_trains_from_the_stem_trained_clones_and_reports(rule_run):
+    rule, run = rule_run
+    rows = metrics(run)
+    assert [r["phase"] for r in rows] == ["stem", "routed"]
+    routed = rows[1]
+    assert "dead_procedures" not in routed  # dead-procedure revival is memory routing's
+    if rule == "gate":
+        assert routed["train_balance_loss"] > 0
+        assert all(sum(s["train_samples_per_procedure"]) == 2 * (5752 // 64 * 64) for s in routed["stages"])  # k = 2 each
+    else:
+        assert "stages" not in routed and "train_balance_loss" not in routed  # every sample takes every path
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["accuracy"] > 0.3 and not evaluation["at_chance"]
+    gm = rmn_fx.load(str(run / "model.pt"), trust_factory=True)
+    assert {type(s).rule for s in rmn_fx.nn.routed_stages(gm)} == {rule}
+    done = cli("report", str(run))
+    assert done.returncode == 0, done.stderr
+    assert f"{rule} routing" in (run / "report" / "summary.md").read_text()
+    assert (run / "report" / "load.png").exists() == (rule == "gate")
+
+
+def test_a_rule_run_interrupted_in_its_routed_epoch_resumes_exactly(rule_run, tmp_path):
+    """The gate's sample counters and key statistics are buffers, so resume is exact."""
+    rule, reference = rule_run
+    run = tmp_path / "interrupted"
+    args = [*TRAIN, *RULE_RUNS[rule], "--epochs", "2", "-o", str(run)]
+    proc = subprocess.Popen([str(CONSOLE_SCRIPT), *args], env=CONSOLE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while len(metrics(run)) < 1 and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.5)  # into the routed epoch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["memories"]  # routed phase
+    assert_resume_is_exact(run, reference)
+
+
+def test_resume_refuses_another_rule(rule_run):
+    rule, run = rule_run
+    one_line_error(cli("train", "--resume", str(run), "--routing", "memory"), "routing", repr(rule))
+
+
+def test_rule_options_are_checked_at_start(tmp_path):
+    one_line_error(cli(*TRAIN, "--top-k", "2", "-o", str(tmp_path / "a")), "--top-k", "'gate' only")
+    one_line_error(cli(*TRAIN, "--routing", "gate", "--top-k", "4", "-o", str(tmp_path / "b")), "1..branches (3)")
+    one_line_error(cli(*TRAIN, "--routing", "gate", "--memory-momentum", "0.5", "-o", str(tmp_path / "c")), "--memory-momentum", "'memory' only")
+    one_line_error(cli(*TRAIN, "--routing", "cross-connections", "--kmeans-samples", "9", "-o", str(tmp_path / "d")), "--kmeans-samples")
+    assert not [p for p in tmp_path.iterdir()]
 
 
 def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:

@@ -35,6 +35,7 @@ def convert(model, weights, input_size, stages, remove_downsamplings, num_classe
     """
     from rmn_fx.conversion import transform
     from rmn_fx.files import check_writable
+    from rmn_fx.nn.rules import RoutingConfig
     from rmn_fx.measure import count_params
     from rmn_fx.serialization import save
     from rmn_fx.tracing import trace
@@ -46,7 +47,7 @@ def convert(model, weights, input_size, stages, remove_downsamplings, num_classe
     save(gm, output)
     base, converted = count_params(trace(net)), count_params(gm)  # the traced base: what its forward uses
     routed_names = ", ".join(f"stage_{i}" for i in gm.meta["rmn_fx"]["routed"])
-    click.echo(f"{model}: routed {routed_names} with {branches} procedures, {describe_routing(gm.meta['rmn_fx']['routing'])}")
+    click.echo(f"{model}: routed {routed_names} with {branches} procedures, {RoutingConfig.from_meta(gm.meta['rmn_fx']).describe()}")
     dropped = count_params(net) - base
     note = f" (the base's forward leaves {dropped:,} parameters unused, e.g. auxiliary heads: not counted)" if dropped else ""
     click.echo(f"parameters: {base:,} -> {converted:,} ({converted / base:.2f}x){note}")
@@ -72,6 +73,7 @@ def inspect(ctx, model, weights, input_size, stages, remove_downsamplings, num_c
       rmn-fx inspect vit_small_patch16_224 --stages blocks.0:blocks.5,blocks.6:blocks.11
     """
     from rmn_fx.conversion import analyze
+    from rmn_fx.nn.rules import RoutingConfig
 
     net = build(model, num_classes, weights)
     anatomy = analyze(net, stages, input_size, remove_downsamplings=remove_downsamplings or 0)
@@ -98,7 +100,7 @@ def inspect(ctx, model, weights, input_size, stages, remove_downsamplings, num_c
     click.echo(f"as --stages: {ranges}" if ranges else "(these stages hold function calls only; they cannot be written as --stages)")
     if routing:
         click.echo(
-            f"{describe_routing(routing['config'])}, N = {routing['config']['branches']}: parameters {routing['base_params']:,} -> "
+            f"{RoutingConfig(**routing['config']).describe()}, N = {routing['config']['branches']}: parameters {routing['base_params']:,} -> "
             f"{routing['routed_params']:,} ({routing['routed_params'] / routing['base_params']:.2f}x), FLOPs per sample "
             f"{routing['base_flops_per_sample']:.4g} -> {routing['routed_flops_per_sample']:.4g} ({_ratio(routing['routed_flops_per_sample'], routing['base_flops_per_sample'])})"
         )
@@ -130,12 +132,6 @@ def _routed_costs(net, anatomy, stages, remove_downsamplings, rows, routing, bra
 
 def _ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference else "-"
-
-
-def describe_routing(routing: dict) -> str:
-    """"gate routing (top_k=2)": the rule and the options it read."""
-    options = ", ".join(f"{k}={v}" for k, v in routing.items() if k not in ("rule", "branches") and v is not None)
-    return f"{routing['rule']} routing" + (f" ({options})" if options else "")
 
 
 def _shape(shape) -> str:

@@ -47,6 +47,7 @@ def _recipe_options(f):
 @click.option("--dead-window", type=click.IntRange(min=1), default=50, show_default=True, help="Steps without a sample after which a procedure is dead.")
 @click.option("--revive/--no-revive", default=True, show_default=True, help="Revive dead procedures by splitting the busiest one.")
 @click.option("--kmeans-samples", type=click.IntRange(min=1), help="Cap on the keys used by k-means (at least --branches) [default: the whole training set].")
+@click.option("--balance-loss", type=click.FloatRange(min=0), default=0.01, show_default=True, help="Weight of the gate's load-balancing loss (--routing gate).")
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across processes (torchrun on CUDA), as in the paper.")
 @click.option("--max-loss", type=click.FloatRange(min=0, min_open=True), help="Stop when the training loss (mean of 20 steps) exceeds it [default: 10 x ln(classes)].")
 @trust_factory_option
@@ -54,15 +55,17 @@ def _recipe_options(f):
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory from its last checkpoint.")
 @click.pass_context
 def train(ctx, model, branches, recipe, trust_factory, run_dir, resume_dir, **options):
-    """Train MODEL with the four-step RMN recipe into a run directory.
+    """Train MODEL with the recipe of its routing rule into a run directory.
 
     Stem training, cloning (optimizer state included), k-means memory initialisation
-    and routed training on one LR curve; a checkpoint after every step and epoch, and on
-    Ctrl-C or SIGTERM. Start several processes with torchrun for data-parallel training.
+    (memory routing; the other rules train on from the clones) and routed training on
+    one LR curve; a checkpoint after every step and epoch, and on Ctrl-C or SIGTERM.
+    Start several processes with torchrun for data-parallel training.
 
     \b
     Examples:
       rmn-fx train resnet18 --branches 8 -o runs/r18
+      rmn-fx train resnet18 --branches 4 --routing gate --top-k 2 -o runs/moe
       rmn-fx train vit_tiny_patch16_224 --input-size 224 --stages blocks.0:blocks.5,blocks.6:blocks.11 -o runs/vit
       rmn-fx train resnet18 --data cifar100:/data/cifar-100-python --recipe paper-cifar100 -o runs/c100
       torchrun --nproc_per_node=8 -m rmn_fx train resnet50 --data imagefolder:/data/imagenet --recipe paper-imagenet -o runs/in
@@ -103,7 +106,7 @@ def train(ctx, model, branches, recipe, trust_factory, run_dir, resume_dir, **op
     overrides = {key: options.pop(key) for key in RECIPE_KEYS}
     config = RunConfig.create(recipe, model, branches, overrides, options)
     click.echo(
-        f"{model}: {branches} procedures{' + attention' if config.attention else ''}, recipe {recipe} on {config.data}, "
+        f"{model}: {branches} procedures, {config.routing_config().describe()}, recipe {recipe} on {config.data}, "
         f"{config.epochs} epochs ({config.stem_epochs} stem), batch {config.batch_size}, lr {config.lr_rule}"
     )
     _finish(run_training(config, run_dir), run_dir)

@@ -97,6 +97,25 @@ class RoutedStage(nn.Module):
         `torch.utils.flop_counter` counts them: its linear layers and path weighting."""
         raise NotImplementedError
 
+    def first_choice(self, x) -> torch.Tensor | None:
+        """The procedure each sample of the part's input `x` goes to first, [B] (what route
+        statistics count), or None where every sample runs through every path. Pure: it
+        changes no state, so evaluation hooks may call it."""
+        return None
+
+    def sample_counts(self) -> torch.Tensor | None:
+        """Training samples each procedure has received so far [N] (load and dead-procedure
+        reports), or None where every procedure receives every sample."""
+        return None
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss the rule adds to training, from its latest training forward (None: none)."""
+        return None
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
     def set_phase(self, phase: str) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")

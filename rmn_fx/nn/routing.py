@@ -43,11 +43,15 @@ class MemoryRouter(nn.Module):
     def extra_repr(self) -> str:
         return f"branches={self.branches}, key_dim={self.key_dim}, momentum={self.momentum}"
 
+    def nearest(self, key: torch.Tensor) -> torch.Tensor:
+        """The index of each row's nearest memory, [B]; changes nothing."""
+        key = key.detach().to(self.memory.dtype)
+        return (key.unsqueeze(1) - self.memory.unsqueeze(0)).square().sum(-1).argmin(dim=1)
+
     def forward(self, key: torch.Tensor) -> torch.Tensor:
         """Route each row of `key` [B, C]; in training mode also update the memories."""
         key = key.detach().to(self.memory.dtype)
-        distances = (key.unsqueeze(1) - self.memory.unsqueeze(0)).square().sum(-1)
-        route = distances.argmin(dim=1)
+        route = self.nearest(key)
         if self.training:
             self.update(key, route)
         return route

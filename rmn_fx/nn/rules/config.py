@@ -40,6 +40,11 @@ class RoutingConfig:
                 raise OptionError(f"{name} ({flag}) applies to routing {' or '.join(map(repr, owners))} only, not {self.rule!r}; leave it out")
         cls.check_options(self)
 
+    def describe(self) -> str:
+        """"gate routing (top_k=2)": the rule and the options it reads."""
+        options = ", ".join(f"{k}={getattr(self, k)}" for k in OPTION_FLAGS if getattr(self, k) is not None)
+        return f"{self.rule} routing" + (f" ({options})" if options else "")
+
     def as_meta(self) -> dict:
         return dataclasses.asdict(self)
 

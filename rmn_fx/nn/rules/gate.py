@@ -15,7 +15,7 @@ gate starts random (what breaks the clones' symmetry) and conversion stays exact
 
 In training mode each forward records the load-balancing loss N * sum_j f_j * mean_b g_bj
 (f_j: the fraction of samples whose first choice is j; Switch Transformer), which the
-recipe adds with its coefficient (`balance_loss`), and counts the samples per procedure.
+recipe adds with its coefficient (`auxiliary_loss`), and counts the samples per procedure.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from rmn_fx.errors import OptionError
 
 from ..routed_stage import PartSpec, RoutedStage, weigh
+from ..modes import training_mode
 from ..routing import dispatch, run_procedure
 from .registry import register_rule
 
@@ -76,14 +77,26 @@ class GatedStage(RoutedStage):
         key = run_procedure(self.key_norm, self.key(x).to(self.gate.weight.dtype))
         return torch.softmax(self.gate(key), dim=1)
 
-    def balance_loss(self) -> torch.Tensor | None:
-        """The load-balancing loss of the latest training forward (None before one)."""
+    def first_choice(self, x: torch.Tensor) -> torch.Tensor:
+        with training_mode(self.key_norm, False):  # running statistics: no update
+            return self.probabilities(x).argmax(dim=1)
+
+    def sample_counts(self) -> torch.Tensor:
+        return self.samples
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the latest training forward (None after any other)."""
         return self._balance_loss
+
+    def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._balance_loss = None
+        return super().stem_forward(x)
 
     def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.probabilities(x)
         top, chosen = g.topk(self.top_k, dim=1)
         weights = top / top.detach() if self.top_k == 1 else top / top.sum(dim=1, keepdim=True)
+        self._balance_loss = None
         if self.training:
             self._record(g, chosen)
         inputs = x if self.top_k == 1 else x.repeat_interleave(self.top_k, dim=0)

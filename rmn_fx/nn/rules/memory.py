@@ -54,6 +54,12 @@ class MemoryRoutedStage(RoutedStage):
             return 0
         return 2 * (self.attention.squeeze.weight.numel() + self.attention.excite.weight.numel())
 
+    def first_choice(self, x: torch.Tensor) -> torch.Tensor:
+        return self.router.nearest(self.key(x))
+
+    def sample_counts(self) -> torch.Tensor:
+        return self.router.samples
+
     def share_across_ranks(self, all_reduce: Callable[[torch.Tensor], None], every_procedure: bool) -> None:
         """Also sum the memories' statistics over ranks, so every rank keeps identical memories."""
         super().share_across_ranks(all_reduce, every_procedure)
