@@ -29,8 +29,22 @@ def build_base(config: RunConfig, num_classes: int) -> tuple[nn.Module, list[str
     count differs from the file's (a fine-tune to a new task)."""
     base = create_model(config.model, num_classes)
     if not config.weights:
+        if config.classifier_init == "zero":
+            zero_classifier(base, num_classes)
         return base, []
     return base, load_fine_tune_weights(base, config.weights, num_classes)
+
+
+@torch.no_grad()
+def zero_classifier(model: nn.Module, num_classes: int) -> None:
+    """Zero the classifier (the last linear layer with `num_classes` outputs), so that a
+    from-scratch model starts at the uniform guess, loss ln(classes)."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not heads:
+        raise OptionError(f"--classifier-init zero found no linear layer with {num_classes} outputs in {type(model).__name__}; use --classifier-init model")
+    nn.init.zeros_(heads[-1].weight)
+    if heads[-1].bias is not None:
+        nn.init.zeros_(heads[-1].bias)
 
 
 def load_fine_tune_weights(model: nn.Module, path: str, num_classes: int) -> list[str]:

@@ -20,6 +20,7 @@ from .presets import resolve
 
 # what makes a run the run it is: a resume may not change these
 IDENTITY = ("model", "routing", "branches", "top_k", "attention", "stages", "routed", "weights", "input_size", "remove_downsamplings", "data")
+CLASSIFIER_INITS = ("model", "zero")  # the model's own initialisation, or zeros
 # how a run is executed on this machine: a resume may change these
 MACHINE = ("device", "workers")
 
@@ -49,6 +50,7 @@ class RunConfig:
     weight_decay: float
     memory_momentum: float
     input_size: list[int]  # C, H, W of the training images
+    classifier_init: str = "model"  # "zero": the classifier of a from-scratch model starts at zero
     remove_downsamplings: int = 0
     routing: str = "memory"  # the rule (rmn_fx.nn.rule_names())
     top_k: int | None = None  # gate: procedures per sample (None: the rule's default)
@@ -99,6 +101,8 @@ class RunConfig:
                 f"--kmeans-samples {self.kmeans_samples} is below the branch count {self.branches}: k-means needs a key per memory; "
                 f"give at least {self.branches}"
             )
+        if self.classifier_init not in CLASSIFIER_INITS:
+            raise OptionError(f"--classifier-init must be one of {', '.join(CLASSIFIER_INITS)}, not {self.classifier_init!r}")
         if self.sync_bn and self.device == "cpu":
             raise OptionError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it or use --device cuda")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +77,14 @@ class Augmented(Dataset):
             return self.transform(image), label
 
 
-def load_data(spec: str, image_size: int | None = None) -> DataSplits:
-    """Parse a --data value and load the splits (nothing is downloaded)."""
+def load_data(spec: str, image_size: int | None = None, seed: int = 0) -> DataSplits:
+    """Parse a --data value and load the splits (nothing is downloaded); the training
+    split's augmentation draws from `seed` (the run's --seed)."""
+    splits = _load_splits(spec, image_size)
+    return replace(splits, train=Augmented(splits.train.base, splits.train.transform, seed))
+
+
+def _load_splits(spec: str, image_size: int | None) -> DataSplits:
     kind, _, path = spec.partition(":")
     kind = kind.lower()
     if kind == "digits":

@@ -114,7 +114,7 @@ class Trainer:
     @classmethod
     def build(cls, config: RunConfig, run: RunDirectory, device: torch.device, group: Group) -> Trainer:
         """Data, model (identical initial weights on every rank) and optimizer of `config`."""
-        data = load_data(config.data, config.image_size)
+        data = load_data(config.data, config.image_size, config.seed)
         B.check_batch_size(config.batch_size, len(data.train), group)
         torch.manual_seed(config.seed)
         model, new_head = build_model(config, len(data.classes))

@@ -44,9 +44,11 @@ def one_per_family() -> list[str]:
     return picks
 
 
-def check(name: str, branches: int, sides) -> dict:
-    """Convert `name` and measure it; an RMNError is a result too (its message is kept)."""
-    row = {"model": name, "status": "ok", "stages": None, "input": None, "named_stages": None, "error": ""}
+def check(name: str, branches: int, sides, routing: str = "memory", top_k: int | None = None) -> dict:
+    """Convert `name` with `routing` and measure it; an RMNError is a result too (its
+    message is kept)."""
+    row = {"model": name, "routing": routing, "status": "ok", "stages": None, "input": None, "named_stages": None, "error": ""}
+    rule = {"routing": routing, "top_k": top_k}
     start = time.perf_counter()
     try:
         base = create_model(name).eval()
@@ -54,19 +56,19 @@ def check(name: str, branches: int, sides) -> dict:
         for i, size in enumerate(sizes):
             try:
                 try:
-                    gm = transform(base, branches=branches, input_size=size)
+                    gm = transform(base, branches=branches, input_size=size, **rule)
                 except NoDownsamplingError:
                     row["named_stages"] = suggest_stage_ranges(base)
                     if row["named_stages"] is None:
                         raise
-                    gm = transform(base, branches=branches, input_size=size, stages=row["named_stages"])
+                    gm = transform(base, branches=branches, input_size=size, stages=row["named_stages"], **rule)
                 break
             except InputSizeError:
                 if i == len(sizes) - 1:
                     raise
         x = torch.randn(branches, *size, generator=torch.Generator().manual_seed(0))
         row.update(compare(base, gm, x), stages=len(gm.meta["rmn_stages"]), input=size[-1])
-        spread_routes(gm, x)  # now each sample runs alone through its own procedure
+        spread_routes(gm, x)  # memory routing: now each sample runs alone through its own procedure
         with torch.no_grad():
             alone = torch.cat([base(x[i : i + 1]) for i in range(x.shape[0])])
             row["routed_relative_error"] = relative_error(alone, gm(x))

@@ -221,7 +221,7 @@ def test_every_procedure_dispatch_runs_idle_procedures_on_empty_batches_with_the
 @pytest.mark.parametrize(
     "recipe, model, branches, overrides, optimizer, lr, rule",
     [
-        ("quick", "efficientnet_b0", 8, {}, "sgd", 0.05, "0.05 * batch 128 / 128"),  # SGD for every model
+        ("quick", "efficientnet_b0", 8, {}, "sgd", 0.0125, "0.05 * batch 32 / 128"),  # SGD, at the family's batch 32
         ("quick", "resnet18", 8, {"batch_size": 256}, "sgd", 0.1, "0.05 * batch 256 / 128"),  # follows the batch
         ("paper-imagenet", "resnet50", 8, {}, "sgd", 0.48, "0.48 * batch 1024 / 1024"),
         ("paper-imagenet", "resnet50", 4, {}, "sgd", 0.24, "0.48 * batch 512 / 1024"),
@@ -229,6 +229,8 @@ def test_every_procedure_dispatch_runs_idle_procedures_on_empty_batches_with_the
         ("paper-imagenet", "efficientnet_b0", 4, {"batch_size": 128}, "rmsprop", 0.008, "0.016 * batch 128 / 256"),
         ("paper-imagenet", "efficientnet_b0", 4, {"optimizer": "sgd"}, "sgd", 0.24, "sgd at 0.48 * batch 512"),
         ("quick", "resnet18", 8, {"lr": 0.3}, "sgd", 0.3, "given with --lr"),
+        ("quick", "efficientnet_b0", 4, {"batch_size": 64}, "sgd", 0.025, "0.05 * batch 64 / 128"),  # the user's beats it
+        ("quick", "timm:vit_tiny_patch16_224", 4, {}, "adamw", 5e-4, "0.002 * batch 32 / 128"),
     ],
 )
 def test_every_preset_derives_its_lr_from_the_actual_batch_and_says_how(recipe, model, branches, overrides, optimizer, lr, rule):
@@ -330,3 +332,33 @@ def test_a_stop_signal_before_training_ends_the_run_at_once_with_one_line(signum
             time.sleep(5)  # the handler raises before this ends
     assert caught.value.exit_code == exit_code
     assert signal.getsignal(signum) is before
+
+
+def test_family_defaults_of_the_quick_recipe_yield_to_the_users_options():
+    from rmn_fx.recipes.presets import resolve
+
+    assert resolve("quick", "efficientnet_b0", 4, {})["classifier_init"] == "zero"
+    assert resolve("quick", "resnet18", 4, {})["classifier_init"] == "model"
+    assert resolve("quick", "efficientnet_b0", 4, {"classifier_init": "model"})["classifier_init"] == "model"
+    assert resolve("quick", "resnet18", 4, {})["batch_size"] == 128
+
+
+def test_a_zero_classifier_starts_at_the_uniform_guess():
+    import torchvision
+    from torch import nn
+
+    from rmn_fx.errors import OptionError
+    from rmn_fx.recipes.builders import zero_classifier
+
+    model = torchvision.models.efficientnet_b0(num_classes=10).eval()
+    zero_classifier(model, 10)
+    assert torch.equal(model(torch.randn(2, 3, 32, 32)), torch.zeros(2, 10))
+    assert model.classifier[1].weight.abs().sum() == 0
+    with pytest.raises(OptionError, match="no linear layer with 7 outputs"):
+        zero_classifier(nn.Sequential(nn.Linear(3, 10)), 7)
+
+
+def test_the_seed_reaches_the_augmentation():
+    first, again, other = (load_data("digits", 32, seed=s).train for s in (0, 0, 1))
+    assert torch.equal(first[5][0], again[5][0])
+    assert not torch.equal(first[5][0], other[5][0])

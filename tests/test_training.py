@@ -160,6 +160,7 @@ def test_eval_and_report_read_the_run(finished_run):
     assert "WARNING" not in summary
 
 
+@pytest.mark.slow
 def test_mixed_precision_runs_the_same_recipe_in_bfloat16_on_cpu(finished_run, tmp_path):
     """--amp on CPU autocasts to bfloat16 (float16 + GradScaler on CUDA): the losses move
     off the float32 run's but stay close, and the model saved is float32 and loadable."""
@@ -174,6 +175,7 @@ def test_mixed_precision_runs_the_same_recipe_in_bfloat16_on_cpu(finished_run, t
     rmn_fx.load(str(run / "model.pt"), trust_factory=True)
 
 
+@pytest.mark.slow
 def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
     """gloo on CPU: the same global batch split over 2 ranks gives the single-process losses,
     and every rank holds the same memories after every epoch."""
@@ -207,6 +209,7 @@ def rule_run(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, run
 
 
+@pytest.mark.slow
 def test_every_rule_trains_from_the_stem_trained_clones_and_reports(rule_run):
     rule, run = rule_run
     rows = metrics(run)
@@ -228,6 +231,7 @@ def test_every_rule_trains_from_the_stem_trained_clones_and_reports(rule_run):
     assert (run / "report" / "load.png").exists() == (rule == "gate")
 
 
+@pytest.mark.slow
 def test_a_rule_run_interrupted_in_its_routed_epoch_resumes_exactly(rule_run, tmp_path):
     """The gate's sample counters and key statistics are buffers, so resume is exact."""
     rule, reference = rule_run
@@ -244,6 +248,7 @@ def test_a_rule_run_interrupted_in_its_routed_epoch_resumes_exactly(rule_run, tm
     assert_resume_is_exact(run, reference)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_rule(rule_run):
     rule, run = rule_run
     one_line_error(cli("train", "--resume", str(run), "--routing", "memory"), "routing", repr(rule))

@@ -13,7 +13,7 @@ import timm
 
 import rmn_fx
 from rmn_fx.models import torchvision_names
-from rmn_fx.zoo import TIMM_MODELS, check
+from rmn_fx.zoo import SIDES, TIMM_MODELS, check
 
 PAPER = {  # N = 8 with attention, 224x224, ImageNet classes (rmn-method.md)
     "resnet18": 89.9e6,
@@ -43,6 +43,21 @@ def test_torchvision_models(name):
 @pytest.mark.parametrize("name", QUICK_TIMM)
 def test_timm_models(name):
     assert_properties(check(f"timm:{name}", branches=2, sides=None))
+
+
+OTHER_RULES = [("gate", 1), ("gate", 2), ("cross-connections", None), ("cross-prediction", None)]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("rule, top_k", OTHER_RULES, ids=[f"{r}-{k}" if k else r for r, k in OTHER_RULES])
+@pytest.mark.parametrize("name", [f"torchvision:{n}" for n in QUICK_TORCHVISION] + [f"timm:{n}" for n in QUICK_TIMM])
+def test_every_rule_on_models_of_every_design(name, rule, top_k):
+    """N = 2: the function, parameters and FLOPs the rule predicts, exactly."""
+    row = check(name, 2, SIDES if not name.startswith("timm:") else None, routing=rule, top_k=top_k)
+    assert row["status"] == "ok", row["error"]
+    assert row["max_relative_error"] <= 1e-5 and row["routed_relative_error"] <= 1e-5
+    assert row["converted_params"] == row["expected_params"]
+    assert row["converted_flops_per_sample"] == pytest.approx(row["expected_flops_per_sample"], rel=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

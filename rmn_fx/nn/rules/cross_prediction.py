@@ -31,5 +31,5 @@ class CrossPredictedStage(MultiPathStage):
 
     def mixing_weights(self, keys: list[torch.Tensor]) -> torch.Tensor:
         dtype = self.mixer[0][0].weight.dtype
-        predictions = torch.stack([torch.softmax(h(k.to(dtype)), dim=1) for h, k in zip(self.mixer, keys)], dim=1)
-        return predictions / predictions.sum(dim=1, keepdim=True)
+        log_predictions = torch.stack([torch.log_softmax(h(k.to(dtype)), dim=1) for h, k in zip(self.mixer, keys)], dim=1)
+        return torch.softmax(log_predictions, dim=1)  # p / sum_i p, in log space: no 0 / 0 when every p underflows
