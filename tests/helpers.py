@@ -3,6 +3,7 @@ accounting of the method."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -56,13 +57,6 @@ def attention_flops(channels: int, branches: int) -> int:
     return 2 * (channels * hidden + (hidden + branches) * channels)
 
 
-def stage_numel(shape) -> int:
-    count = 1
-    for side in shape:
-        count *= side
-    return count
-
-
 def rule_params(rule: str, options: dict, stage, branches: int, receives: bool, emits: bool) -> int:
     """Parameters a rule adds to a stage's N procedures, from the method's formulas (see the
     rule files): CA for memory, one linear layer for the gate, mixer and combiner for paths."""
@@ -79,7 +73,7 @@ def rule_params(rule: str, options: dict, stage, branches: int, receives: bool, 
 def rule_flops(rule: str, options: dict, stage, branches: int, receives: bool, emits: bool) -> int:
     """FLOPs per sample of a rule's own matrix products (linear layers and path weighting)."""
     n, cin, cout = branches, stage.in_channels, stage.out_channels
-    d_in, d_out = stage_numel(stage.in_shape[1:]), stage_numel(stage.out_shape[1:])
+    d_in, d_out = math.prod(stage.in_shape[1:]), math.prod(stage.out_shape[1:])
     if rule == "memory":
         return attention_flops(cout, n) if options.get("attention", True) else 0
     if rule == "gate":

@@ -107,3 +107,40 @@ def test_converted_model_runs_on_cuda_like_on_cpu():
         got = gm.cuda()(x.cuda()).cpu()
     assert torch.allclose(want, got, rtol=1e-3, atol=1e-3)
     gm.train()(x.cuda()).sum().backward()  # training step with dispatch and memory updates on the device
+
+
+def rule_stage(rule: str, branches: int = 3, **spec_fields):
+    spec = PartSpec(in_channels=4, out_channels=4, in_shape=(4, 5, 5), out_shape=(4, 5, 5), **spec_fields)
+    return create_stage(block(), spec, RoutingConfig(rule, branches, top_k=1 if rule == "gate" else None))
+
+
+def test_a_top_1_gate_weighs_by_exactly_one_yet_learns_from_the_task_loss():
+    stage = rule_stage("gate").train()
+    x = torch.randn(8, 4, 5, 5)
+    stage(x).square().sum().backward()
+    assert stage.gate.weight.grad.abs().sum() > 0  # through g / stopgrad(g), not only the balance loss
+    assert stage.auxiliary_loss() is not None and stage.sample_counts().sum() == 8
+    stage.eval()
+    with torch.no_grad():
+        chosen = stage.first_choice(x)
+        expected = torch.stack([stage.procedures[int(j)](x[i : i + 1])[0] for i, j in enumerate(chosen)])
+        assert torch.allclose(stage(x), expected, atol=1e-6)  # each sample: its procedure's output, times 1
+
+
+@pytest.mark.parametrize("rule", ["cross-connections", "cross-prediction"])
+def test_mixing_weights_sum_to_one_over_sources_for_any_parameters(rule):
+    stage = rule_stage(rule, receives_paths=True)
+    for p in stage.mixer.parameters():
+        nn.init.normal_(p, std=30.0)  # far from any initialisation: saturated softmaxes
+    weights = stage.mixing_weights([torch.randn(6, 4) * 100 for _ in range(3)])
+    assert weights.shape == (6, 3, 3) and torch.isfinite(weights).all()
+    assert torch.allclose(weights.sum(dim=1), torch.ones(6, 3))
+
+
+def test_a_stage_that_emits_paths_returns_one_tensor_per_path_and_the_last_combines_them():
+    first, last = rule_stage("cross-connections", emits_paths=True), rule_stage("cross-connections", receives_paths=True)
+    x = torch.randn(2, 4, 5, 5)
+    paths = first.eval()(x)
+    assert isinstance(paths, tuple) and len(paths) == 3
+    with torch.no_grad():  # identical clones: any weights summing to 1 give the plain composition
+        assert torch.allclose(last.eval()(paths), last.procedures[0](first.procedures[0](x)), atol=1e-5)

@@ -20,6 +20,8 @@ recipe adds with its coefficient (`auxiliary_loss`), and counts the samples per 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -64,10 +66,7 @@ class GatedStage(RoutedStage):
         return self.top_k
 
     def routing_flops_per_sample(self) -> int:
-        entries = 1
-        for side in self.spec.out_shape:
-            entries *= side
-        return 2 * self.gate.weight.numel() + 2 * self.top_k * entries
+        return 2 * self.gate.weight.numel() + 2 * self.top_k * math.prod(self.spec.out_shape)
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}"

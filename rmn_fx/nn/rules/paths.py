@@ -15,6 +15,8 @@ while their sum of 1 keeps a fresh conversion exact for any initial values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -72,9 +74,9 @@ class MultiPathStage(RoutedStage):
         n = self.branches
         flops = linear_flops(self.mixer, self.combiner)
         if self.mixer is not None:
-            flops += 2 * n * n * _numel(self.spec.in_shape)
+            flops += 2 * n * n * math.prod(self.spec.in_shape)
         if self.combiner is not None:
-            flops += 2 * n * _numel(self.spec.out_shape)
+            flops += 2 * n * math.prod(self.spec.out_shape)
         return flops
 
     def stem_forward(self, x):
@@ -94,10 +96,3 @@ class MultiPathStage(RoutedStage):
         pool = LAYOUTS[self.spec.out_layout].pool
         logits = self.combiner(torch.cat([pool(y) for y in outputs], dim=1).to(self.combiner.weight.dtype))
         return weigh(torch.softmax(logits, dim=1).unsqueeze(2), torch.stack(outputs, dim=1)).squeeze(1)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for side in shape:
-        count *= side
-    return count
