@@ -1,16 +1,28 @@
-"""Does routing help on the embedded digits task? Base vs RMN, same epochs, same seeds.
+"""Does routing help on the embedded digits task, and which rule? Same backbone, epochs, seeds.
 
-Trains, with the quick recipe (digits at 32x32, batch 128, one LR curve), for each seed:
-  base        the plain network (N = 1, no attention)
-  rmn         N procedures, no Conditional Attention
-  rmn+ca      N procedures with Conditional Attention
-  rmn+ca-norevive   as rmn+ca, dead procedures left dead (the paper's behaviour)
-and prints mean +- std test accuracy, FLOPs per sample (and the ratio to the base model,
-measured in this run), routing NMI with the hidden contexts and the classes, and the
-procedures dead at the end of training (no training sample for --dead-window steps) at
-batch 128. Writes OUT.json and OUT.csv.
+Trains, with the quick recipe (digits at 32x32, one LR curve), for each seed, the configs
+asked for (default: the rule comparison, N = --branches for every rule):
+  base                  the plain network (N = 1)
+  memory                RMN: memory routing with Conditional Attention (dead procedures revived)
+  memory-noca           RMN without Conditional Attention
+  memory-norevive       RMN, dead procedures left dead (the paper's behaviour)
+  cross-connections     every path, feature-dependent mixing between stages
+  cross-prediction      every path, each source predicts its destinations
+  gate-top1, gate-top2  a learned gate, each sample through its top 1 / top 2 procedures
+and, to find out why RMN does what it does:
+  memory-n2, memory-n8  RMN at N = 2 and N = 8
+  memory-paper-batch    RMN at the paper's batch rule, 256 * N / 2 (each procedure's BatchNorm
+                        sees about half a base batch), lr following the batch
+  memory-long           RMN with twice the epochs, the extra ones routed
+It prints mean +- std test accuracy, FLOPs per sample (and the ratio to the base model,
+measured in this run), parameters, training seconds per epoch as a ratio to the base's
+(configs interleave within each seed, so the machine's load hits all alike), routing NMI
+with the hidden contexts and the classes (rules that route), and dead procedures at the end
+(memory routing). Writes OUT.json and OUT.csv.
 
-    python benchmarks/recipe.py -o out/recipe            # about 18 minutes on 2 CPU cores
+    python benchmarks/recipe.py -o out/rules                                  # the rule comparison
+    python benchmarks/recipe.py --configs base memory memory-n2 memory-n8 memory-paper-batch memory-long -o out/why
+    python benchmarks/recipe.py --branches 8 --configs base memory-noca memory memory-norevive -o out/recipe
 """
 
 from __future__ import annotations
@@ -29,38 +41,52 @@ from rmn_fx.recipes.trainer import train
 import rmn_fx
 from rmn_fx.measure import flop_counts
 
-CONFIGS = {
-    "base": {"branches": 1, "attention": False, "revive": True},
-    "rmn": {"attention": False, "revive": True},
-    "rmn+ca": {"attention": True, "revive": True},
-    "rmn+ca-norevive": {"attention": True, "revive": False},
+CONFIGS = {  # name -> run settings; "branches", "batch_rule" and "extra_epochs" are read here
+    "base": {"branches": 1},
+    "memory": {"attention": True},
+    "memory-noca": {"attention": False},
+    "memory-norevive": {"attention": True, "revive": False},
+    "cross-connections": {"routing": "cross-connections"},
+    "cross-prediction": {"routing": "cross-prediction"},
+    "gate-top1": {"routing": "gate", "top_k": 1},
+    "gate-top2": {"routing": "gate", "top_k": 2},
+    "memory-n2": {"branches": 2, "attention": True},
+    "memory-n8": {"branches": 8, "attention": True},
+    "memory-paper-batch": {"attention": True, "batch_rule": "paper"},
+    "memory-long": {"attention": True, "extra_epochs": True},
 }
+RULE_COMPARISON = ["base", "memory", "cross-connections", "cross-prediction", "gate-top1", "gate-top2"]
 
 
 def run_one(model: str, name: str, seed: int, args, folder: str) -> dict:
-    settings = CONFIGS[name]
-    branches = settings.get("branches", args.branches)
-    overrides = {"epochs": args.epochs, "stem_epochs": args.stem_epochs}
+    settings = dict(CONFIGS[name])
+    branches = settings.pop("branches", args.branches)
+    overrides = {"epochs": args.epochs * (2 if settings.pop("extra_epochs", False) else 1), "stem_epochs": args.stem_epochs}
+    if settings.pop("batch_rule", None) == "paper":
+        overrides["batch_size"] = 256 * branches // 2
     machine = {"seed": seed, "device": "cpu", "amp": False, "dead_window": args.dead_window}
-    config = RunConfig.create("quick", model, branches, overrides, {"attention": settings["attention"], "revive": settings["revive"], **machine})
+    config = RunConfig.create("quick", model, branches, overrides, {**settings, **machine})
     run = os.path.join(folder, f"{name}-{seed}")
     evaluation = train(config, run)
-    trained = rmn_fx.load(os.path.join(run, "model.pt"))
+    trained = rmn_fx.load(os.path.join(run, "model.pt"), trust_factory=True)  # written just now, from --model
     flops, _ = flop_counts(trained, torch.zeros(1, *config.input_size))
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        last = [json.loads(line) for line in f][-1]
+        history = [json.loads(line) for line in f]
     stages = evaluation["stages"]
     return {
         "config": name,
         "seed": seed,
+        "routing": config.routing,
         "branches": branches,
+        "batch_size": config.batch_size,
+        "epochs": config.epochs,
         "test_accuracy": evaluation["accuracy"],
         "flops_per_sample": flops,
         "params": evaluation["params"],
-        "nmi_context": statistics.mean(s["nmi_context"] for s in stages) if branches > 1 else None,
-        "nmi_class": statistics.mean(s["nmi_class"] for s in stages) if branches > 1 else None,
-        "dead_at_end": last.get("dead_procedures", 0),
-        "revived": last.get("revived_procedures", 0),
+        "seconds_per_epoch": statistics.mean(r["seconds"] for r in history),
+        "nmi_context": statistics.mean(s["nmi_context"] for s in stages) if branches > 1 and stages else None,
+        "nmi_class": statistics.mean(s["nmi_class"] for s in stages) if branches > 1 and stages else None,
+        "dead_at_end": history[-1].get("dead_procedures"),
         "procedures": branches * len(stages) if branches > 1 else 0,
     }
 
@@ -74,22 +100,25 @@ def _mean_std(values) -> str:
     return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
-def table(rows: list[dict]) -> str:
-    base_flops = statistics.mean(r["flops_per_sample"] for r in rows if r["config"] == "base")
+def table(rows: list[dict], names: list[str]) -> str:
+    base = [r for r in rows if r["config"] == "base"]
+    base_flops = statistics.mean(r["flops_per_sample"] for r in base) if base else None
+    base_seconds = statistics.mean(r["seconds_per_epoch"] for r in base) if base else None
     lines = [
-        "| config | N | test accuracy | FLOPs/sample (ratio to base) | params | NMI context | NMI class | dead at end / procedures | revived |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | N | batch | test accuracy | FLOPs/sample (ratio to base) | params | s/epoch (ratio to base) | NMI context | NMI class | dead at end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in CONFIGS:
+    for name in names:
         group = [r for r in rows if r["config"] == name]
-        if not group:
-            continue
-        flops = statistics.mean(r["flops_per_sample"] for r in group)
+        flops, seconds = statistics.mean(r["flops_per_sample"] for r in group), statistics.mean(r["seconds_per_epoch"] for r in group)
+        dead = [str(r["dead_at_end"]) for r in group if r["dead_at_end"] is not None]
+        dead_text = f"{' '.join(dead)} / {group[0]['procedures']}" if dead and group[0]["procedures"] else "-"
         lines.append(
-            f"| {name} | {group[0]['branches']} | {_mean_std(r['test_accuracy'] for r in group)} "
-            f"| {flops / 1e6:.2f}M ({flops / base_flops:.4f}) | {group[0]['params'] / 1e6:.2f}M "
+            f"| {name} | {group[0]['branches']} | {group[0]['batch_size']} | {_mean_std(r['test_accuracy'] for r in group)} "
+            f"| {flops / 1e6:.2f}M{f' ({flops / base_flops:.3f})' if base_flops else ''} | {group[0]['params'] / 1e6:.2f}M "
+            f"| {seconds:.0f}{f' ({seconds / base_seconds:.2f})' if base_seconds else ''} "
             f"| {_mean_std(r['nmi_context'] for r in group)} | {_mean_std(r['nmi_class'] for r in group)} "
-            f"| {' '.join(str(r['dead_at_end']) for r in group)} / {group[0]['procedures']} | {' '.join(str(r['revived']) for r in group)} |"
+            f"| {dead_text} |"
         )
     return "\n".join(lines)
 
@@ -97,13 +126,13 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--branches", type=int, default=8)
+    parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--stem-epochs", type=int, default=2)
     parser.add_argument("--dead-window", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("-o", "--output", default="out/recipe", help="prefix of the .json and .csv files")
+    parser.add_argument("--configs", nargs="+", default=RULE_COMPARISON, choices=list(CONFIGS))
+    parser.add_argument("-o", "--output", default="out/rules", help="prefix of the .json and .csv files")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -112,7 +141,7 @@ def main() -> None:
                 print(f"== {name}, seed {seed}", flush=True)
                 rows.append(run_one(args.model, name, seed, args, folder))
     write_rows(args.output, rows, {"args": vars(args)})
-    print(table(rows))
+    print(table(rows, args.configs))
     print(f"wrote {args.output}.json and {args.output}.csv")
 
 
