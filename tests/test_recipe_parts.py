@@ -230,7 +230,6 @@ def test_every_procedure_dispatch_runs_idle_procedures_on_empty_batches_with_the
         ("paper-imagenet", "efficientnet_b0", 4, {"optimizer": "sgd"}, "sgd", 0.24, "sgd at 0.48 * batch 512"),
         ("quick", "resnet18", 8, {"lr": 0.3}, "sgd", 0.3, "given with --lr"),
         ("quick", "efficientnet_b0", 4, {"batch_size": 64}, "sgd", 0.025, "0.05 * batch 64 / 128"),  # the user's beats it
-        ("quick", "timm:vit_tiny_patch16_224", 4, {}, "adamw", 5e-4, "0.002 * batch 32 / 128"),
     ],
 )
 def test_every_preset_derives_its_lr_from_the_actual_batch_and_says_how(recipe, model, branches, overrides, optimizer, lr, rule):

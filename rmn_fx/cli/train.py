@@ -25,7 +25,7 @@ RECIPE_OPTIONS = [
     click.option("--optimizer", type=click.Choice(["sgd", "rmsprop", "adamw"]), help="[default: the recipe's; the paper recipes use RMSprop for EfficientNet]."),
     click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="The optimizer's momentum (AdamW: beta1)."),
     click.option("--weight-decay", type=click.FloatRange(min=0), help="Weight decay (not on norms and biases)."),
-    click.option("--classifier-init", type=click.Choice(["model", "zero"]), help="The classifier of a from-scratch model: its own init, or zeros [default: the recipe's; quick: zero for EfficientNet and ViTs]."),
+    click.option("--classifier-init", type=click.Choice(["model", "zero"]), help="The classifier of a from-scratch model: its own init, or zeros [default: the recipe's; quick: zero for EfficientNet]."),
 ]
 RECIPE_KEYS = ("data", "epochs", "stem_epochs", "batch_size", "lr", "lr_start", "lr_end", "warmup_epochs", "optimizer", "momentum", "weight_decay", "memory_momentum", "input_size", "remove_downsamplings", "classifier_init")
 
