@@ -73,6 +73,7 @@ def test_run_directory_holds_config_metrics_checkpoint_and_a_loadable_model(fini
     assert config["lr_rule"] == "0.05 (given with --lr)"
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_mid_epoch_gives_the_uninterrupted_result(finished_run, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen([str(CONSOLE_SCRIPT), *TRAIN, "-o", str(run)], env=CONSOLE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -100,6 +101,7 @@ def test_ctrl_c_saves_a_mid_epoch_checkpoint_and_resume_is_exact(finished_run, t
     assert_resume_is_exact(run, finished_run)
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_stem_phase_saves_a_checkpoint_and_resume_is_exact_with_attention(finished_run, tmp_path):
     """What Slurm, Kubernetes and `timeout` send: like Ctrl-C, in the stem epoch, where
     Conditional Attention draws random routes (the draws are seeded per step)."""
