@@ -81,9 +81,10 @@ def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
         converted.eval()(x)
 
 
-def procedure_flops_per_sample(converted: nn.Module, x: torch.Tensor) -> list[float]:
-    """FLOPs per sample of one procedure of each routed stage, run alone on the stage's input
-    (the first path's, where paths cross) during a forward pass on `x`."""
+def procedure_flops_per_sample(converted: nn.Module, x: torch.Tensor):
+    """Run `converted` on `x` in eval mode; return its output and the FLOPs per sample of one
+    procedure of each routed stage, run alone on the stage's input (the first path's, where
+    paths cross)."""
     from .nn.routed_stage import routed_stages
 
     inputs = {}
@@ -93,8 +94,8 @@ def procedure_flops_per_sample(converted: nn.Module, x: torch.Tensor) -> list[fl
 
     stages = routed_stages(converted)
     with hooks(s.register_forward_pre_hook(hook) for s in stages), training_mode(converted, False), torch.no_grad():
-        converted(x)
-    return [flop_counts(s.procedures[0], inputs[s])[0] / inputs[s].shape[0] for s in stages]
+        output = converted(x)
+    return output, [flop_counts(s.procedures[0], inputs[s])[0] / inputs[s].shape[0] for s in stages]
 
 
 def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
@@ -111,10 +112,10 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
     from .tracing import trace
 
     with torch.no_grad():
-        want, got = base.eval()(x), converted.eval()(x)
+        want = base.eval()(x)
+    got, procedure_flops = procedure_flops_per_sample(converted.eval(), x)
     routed = routed_stages(converted)
     extra_params = sum((s.branches - 1) * count_params(s.procedures[0]) + s.rule_parameters(s.spec, s.config) for s in routed)
-    procedure_flops = procedure_flops_per_sample(converted, x)
     extra_flops = sum((s.paths_per_sample - 1) * f + s.routing_flops_per_sample() for s, f in zip(routed, procedure_flops))
     batch = x.shape[0]
     base_flops, converted_flops = flop_counts(base, x)[0] / batch, flop_counts(converted, x)[0] / batch
