@@ -81,7 +81,7 @@ def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
         converted.eval()(x)
 
 
-def procedure_flops_per_sample(converted: nn.Module, x: torch.Tensor):
+def run_with_procedure_flops(converted: nn.Module, x: torch.Tensor):
     """Run `converted` on `x` in eval mode; return its output and the FLOPs per sample of one
     procedure of each routed stage, run alone on the stage's input (the first path's, where
     paths cross)."""
@@ -113,7 +113,7 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
 
     with torch.no_grad():
         want = base.eval()(x)
-    got, procedure_flops = procedure_flops_per_sample(converted.eval(), x)
+    got, procedure_flops = run_with_procedure_flops(converted.eval(), x)
     routed = routed_stages(converted)
     extra_params = sum((s.branches - 1) * count_params(s.procedures[0]) + s.rule_parameters(s.spec, s.config) for s in routed)
     extra_flops = sum((s.paths_per_sample - 1) * f + s.routing_flops_per_sample() for s, f in zip(routed, procedure_flops))
