@@ -148,8 +148,8 @@ def train_epoch(
         auxiliary = auxiliary_loss(stages)
         stop = 1.0 if context.should_stop() else 0.0  # summed over ranks: all stop at the same step
         stats = torch.stack([loss.detach().float() * labels.shape[0], (logits.argmax(1) == labels).sum().float()])
-        extra = [labels.shape[0], stop, 0.0 if auxiliary is None else float(auxiliary)]
-        stats = torch.cat([stats, stats.new_tensor(extra)])
+        aux_stat = stats.new_zeros(1) if auxiliary is None else auxiliary.detach().float().reshape(1)  # no host sync
+        stats = torch.cat([stats, stats.new_tensor([labels.shape[0], stop]), aux_stat])
         if context.reduce is not None:
             context.reduce(stats)
         if not torch.isfinite(stats[0]):
