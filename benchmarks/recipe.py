@@ -140,7 +140,7 @@ def main() -> None:
             for name in args.configs:
                 print(f"== {name}, seed {seed}", flush=True)
                 rows.append(run_one(args.model, name, seed, args, folder))
-    write_rows(args.output, rows, {"args": vars(args)})
+                write_rows(args.output, rows, {"args": vars(args)})  # after every run: a long sweep stopped early keeps what it measured
     print(table(rows, args.configs))
     print(f"wrote {args.output}.json and {args.output}.csv")
 

@@ -19,6 +19,10 @@ The rule, for any feed-forward graph (see the README's "Anatomy" section):
    strided conv), so that a downsampling module is never split.
 
 Users may name stages instead, as module-path ranges ("blocks.0:blocks.5,blocks.6:blocks.11").
+With granularity "block", every stage (found or named) is cut further into its blocks: the
+segments between the main-path cuts inside it that sit at module edges and that no later
+node reads past; a light piece (no weight matrix) joins the block before it, or the one
+after it at the start of a stage (a pool or a norm that opens a downsampling). Each block is then a part of its own, numbered in forward order.
 The result is stored on `graph_module.meta["rmn_stages"]` (a list of `Stage`) and every
 node gets `meta["rmn_part"]`: "stem", "stage_<i>" or "head".
 """
@@ -41,6 +45,7 @@ from .main_path import main_path
 from .shape_prop import tensor_shape
 
 DROP_FACTOR = 1.5
+GRANULARITIES = ("stage", "block")
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 ModuleRange = tuple[str, str]
 
@@ -121,6 +126,7 @@ class GraphFacts:
         self.cuts = main_path(graph_module.graph)
         self.spans, self.splittable = self._module_spans()
         self._edges = [self._at_module_edge(k) for k in range(len(self.cuts))]
+        self._clean = self._clean_cuts()
         self._heavy = [False] + [
             any(_owns_weight_matrix(graph_module, n) for n in self.segment(k)) for k in range(1, len(self.cuts))
         ]
@@ -136,6 +142,21 @@ class GraphFacts:
                 if path in leaves or (isinstance(cls, type) and issubclass(cls, CONTAINERS)):
                     splittable.add(path)
         return spans, splittable
+
+    def _clean_cuts(self) -> list[bool]:
+        """Per cut: no node before it is read after it (other than the cut itself and
+        weights), so that the graph can be split there into single-input parts."""
+        reach, clean = -1, []
+        cut_positions = {self.pos[c]: k for k, c in enumerate(self.cuts)}
+        for i, node in enumerate(self.nodes):
+            if i in cut_positions:
+                clean.append(reach <= i)
+            if node.op != "get_attr":
+                reach = max([reach] + [self.pos[u] for u in node.users if u.op != "output"])
+        return clean
+
+    def splits_cleanly(self, k: int) -> bool:
+        return self._clean[k]
 
     def resolution(self, k: int) -> int | None:
         return self.cuts[k].meta.get("rmn_resolution")
@@ -247,6 +268,29 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
     return stages  # a trailing level without weights is left to the head
 
 
+def block_cuts(facts: GraphFacts, stages: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Every stage (a, b) cut into its blocks (see the module docstring)."""
+    blocks = []
+    for a, b in stages:
+        bounds = [k for k in range(a + 1, b) if facts.at_module_edge(k) and facts.splits_cleanly(k)] + [b]
+        own: list[tuple[int, int]] = []
+        own_heavy: list[bool] = []
+        for start, end in itertools.pairwise([a, *bounds]):
+            heavy = any(facts.heavy(k) for k in range(start + 1, end + 1))
+            if own and not (heavy and own_heavy[-1]):  # a light piece, or the first heavy one after a light start
+                own[-1], own_heavy[-1] = (own[-1][0], end), own_heavy[-1] or heavy
+            else:
+                own.append((start, end))
+                own_heavy.append(heavy)
+        blocks.extend(own)
+    if len(blocks) == len(stages):
+        raise StageError(
+            "granularity 'block' finds no cut inside any stage (every stage is a single block); "
+            "route whole stages with granularity 'stage' (--granularity stage)"
+        )
+    return blocks
+
+
 def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[tuple[int, int]]:
     """Cut indices of user-named module ranges, with one-line errors for every way to get it wrong."""
     cut_index = {facts.pos[c]: k for k, c in enumerate(facts.cuts)}
@@ -339,10 +383,18 @@ def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int) -> Stage:
 
 class FindStages(PassBase):
     """Annotate stem / stages / head; `ranges` names the stages by module paths instead,
-    `plan` by (entry, exit) node names found earlier (before a rewrite that keeps names)."""
+    `plan` by (entry, exit) node names found earlier (before a rewrite that keeps names);
+    `granularity` "block" makes every block of a found or named stage a part of its own."""
 
-    def __init__(self, ranges: Sequence[ModuleRange] | None = None, plan: Sequence[tuple[str, str]] | None = None) -> None:
-        self.ranges, self.plan = ranges, plan
+    def __init__(
+        self,
+        ranges: Sequence[ModuleRange] | None = None,
+        plan: Sequence[tuple[str, str]] | None = None,
+        granularity: str = "stage",
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise StageError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        self.ranges, self.plan, self.granularity = ranges, plan, granularity
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes):
@@ -356,6 +408,8 @@ class FindStages(PassBase):
             cut_ranges = named_stage_cuts(facts, self.ranges)
         else:
             cut_ranges = detect_stage_cuts(facts)
+        if self.granularity == "block" and not self.plan:  # a plan already holds the blocks
+            cut_ranges = block_cuts(facts, cut_ranges)
         stages = [_stage_from_cuts(facts, i + 1, a, b) for i, (a, b) in enumerate(cut_ranges)]
         first_entry = facts.pos[facts.cuts[cut_ranges[0][0]]]
         last_exit = facts.pos[facts.cuts[cut_ranges[-1][1]]]

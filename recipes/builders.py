@@ -68,6 +68,7 @@ def build_model(config: RunConfig, num_classes: int) -> tuple[nn.Module, list[st
         base,
         routing=config.routing_config(),
         stages=config.stages,
+        granularity=config.granularity,
         routed=config.routed,
         input_size=tuple(config.input_size),
         remove_downsamplings=config.remove_downsamplings,

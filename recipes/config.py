@@ -19,7 +19,7 @@ from rmn_fx.nn.rules import RoutingConfig, rule_class
 from .presets import resolve
 
 # what makes a run the run it is: a resume may not change these
-IDENTITY = ("model", "routing", "branches", "top_k", "attention", "stages", "routed", "weights", "input_size", "remove_downsamplings", "data")
+IDENTITY = ("model", "routing", "branches", "top_k", "attention", "stages", "granularity", "routed", "weights", "input_size", "remove_downsamplings", "data")
 CLASSIFIER_INITS = ("model", "zero")  # the model's own initialisation, or zeros
 # how a run is executed on this machine: a resume may change these
 MACHINE = ("device", "workers")
@@ -57,6 +57,7 @@ class RunConfig:
     attention: bool | None = None  # memory: Conditional Attention (None: the rule's default, on)
     balance_loss: float = 0.01  # gate: weight of the load-balancing loss (Switch Transformer's)
     stages: str | None = None
+    granularity: str = "stage"  # "block": every block of a stage is a routed part
     routed: list[int] | None = None
     weights: str | None = None
     seed: int = 0

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from rmn_fx.passes.find_stages import FindStages, Stage, parse_stage_ranges
+from rmn_fx.passes.find_stages import GRANULARITIES, FindStages, Stage, parse_stage_ranges
 from rmn_fx.passes.infra import PassManager
 from rmn_fx.passes.outline import OutlineParts
 from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
@@ -103,36 +103,41 @@ def analyze(
     input_size: Sequence[int] | None = None,
     num_classes: int | None = None,
     remove_downsamplings: int = 0,
+    granularity: str = "stage",
 ) -> Anatomy:
     """Find the stem, stages and head of `model` (an nn.Module or a model name).
 
     remove_downsamplings: make the first k resolution drops keep the resolution first
     (the paper's small-image variant); the anatomy is that of the rewritten network.
+    granularity: "stage" (the parts are the downsampling stages) or "block" (every block
+    inside a stage is a part of its own).
     """
     base, source = _resolve(model, num_classes)
     size = _check_input_size(input_size or default_input_size(base))
     ranges = parse_stage_ranges(stages) if stages is not None else None
     if isinstance(remove_downsamplings, bool) or not isinstance(remove_downsamplings, int) or remove_downsamplings < 0:
         raise OptionError(f"remove_downsamplings must be an integer >= 0, got {remove_downsamplings!r}")
+    if granularity not in GRANULARITIES:
+        raise OptionError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     gm = trace(base)
     if remove_downsamplings:  # find the anatomy first, where the original network has room for it
-        gm = _remove_downsamplings(gm, base, size, ranges, remove_downsamplings)
+        gm = _remove_downsamplings(gm, base, size, ranges, remove_downsamplings, granularity)
         ranges = None
     shapes = ShapePropagation(_sample_for(base, size))
     plan = gm.meta.pop("rmn_stage_plan", None)
-    gm, _ = PassManager([shapes, FindStages(ranges, plan)])(gm)
+    gm, _ = PassManager([shapes, FindStages(ranges, plan, granularity)])(gm)
     check_removed(gm)
     gm, _ = PassManager([OutlineParts()])(gm)
     return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output)
 
 
-def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, count: int) -> fx.GraphModule:
+def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, count: int, granularity: str) -> fx.GraphModule:
     """Find the stages on the original network at 2^count times the side (where its maps
     have the sizes the rewritten network's have at `size`), then rewrite; the stage plan
     travels on `gm.meta["rmn_stage_plan"]`."""
     channels, height, width = size
     detect = ShapePropagation(_sample_for(base, (channels, height << count, width << count)))
-    gm, _ = PassManager([detect, FindStages(ranges), RemoveDownsampling(count)])(gm)
+    gm, _ = PassManager([detect, FindStages(ranges, granularity=granularity), RemoveDownsampling(count)])(gm)
     gm.meta["rmn_stage_plan"] = [(s.entry, s.exit) for s in gm.meta.pop("rmn_stages")]
     return gm
 
@@ -157,6 +162,7 @@ def transform(
     verify: bool = True,
     routing: str | RoutingConfig = "memory",
     top_k: int | None = None,
+    granularity: str = "stage",
 ) -> fx.GraphModule:
     """Convert `model` into a routed GraphModule with `branches` procedures per routed stage.
 
@@ -166,13 +172,15 @@ def transform(
                 options at their defaults). Rule options: attention, momentum (memory),
                 top_k (gate); None takes the rule's default.
     stages:     module-path ranges "a:b,c:d" instead of automatic detection.
-    routed:     1-based indices of the stages to route (default: all).
+    granularity: "stage" routes each stage; "block" routes each block of every stage as a
+                part of its own (then `routed` counts blocks).
+    routed:     1-based indices of the stages (parts) to route (default: all).
     input_size: C,H,W of the sample used for shape propagation (default: the model's own).
     remove_downsamplings: remove the first k downsamplings first (small images, see analyze).
     verify:     check on the sample that the result computes the original function.
     """
     config = routing_config(routing, branches, attention, momentum, top_k)
-    anatomy = analyze(model, stages, input_size, num_classes, remove_downsamplings)
+    anatomy = analyze(model, stages, input_size, num_classes, remove_downsamplings, granularity)
     count = len(anatomy.stages)
     routed = list(range(1, count + 1)) if routed is None else sorted(set(routed))
     if not routed or not all(isinstance(i, int) and 1 <= i <= count for i in routed):
@@ -187,6 +195,7 @@ def transform(
         "routed": routed,
         "remove_downsamplings": remove_downsamplings,
         "stages": None if stages is None else [list(r) for r in parse_stage_ranges(stages)],
+        "granularity": granularity,
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
     }
     if verify:

@@ -80,6 +80,7 @@ def load(
         base,
         routing=_routing_of(path, config),
         stages=config["stages"],
+        granularity=config.get("granularity", "stage"),
         routed=config["routed"],
         input_size=config["input_size"],
         remove_downsamplings=config.get("remove_downsamplings", 0),

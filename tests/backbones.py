@@ -89,6 +89,20 @@ class BackboneSpec:
         torch.manual_seed(0)
         return Backbone(self)
 
+    @property
+    def expected_blocks(self) -> list[tuple[str, ...]]:
+        """The parts of granularity "block": every block of every stage; a pool that opens a
+        stage belongs to its first block, a conv downsampling is a block of its own."""
+        blocks = []
+        for i, stage in enumerate(self.stages):
+            names = [f"stages.{i}.{j}" for j in range(len(stage.blocks) + (stage.downsample in ("pool", "conv")))]
+            if stage.downsample == "pool":
+                names[:2] = [tuple(names[:2])]
+            if len(names) == 1:  # the block is the whole stage: its outermost module
+                names = [f"stages.{i}"]
+            blocks.extend(name if isinstance(name, tuple) else (name,) for name in names)
+        return blocks + [("head_conv",)] if self.head_conv else blocks
+
 
 class Backbone(nn.Module):
     def __init__(self, spec: BackboneSpec) -> None:

@@ -45,7 +45,10 @@ def test_inspect_json_output(capsys):
     assert sum(row["flops_share"] for row in report["parts"]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("rule, options", [("gate", ["--top-k", "2"]), ("cross-connections", []), ("cross-prediction", [])])
+@pytest.mark.parametrize(
+    "rule, options",
+    [("gate", ["--top-k", "2"]), ("cross-connections", []), ("cross-prediction", []), ("cross-prediction", ["--granularity", "block"])],
+)
 def test_convert_and_inspect_with_every_rule(rule, options, tmp_path, capsys):
     out = tmp_path / "model.pt"
     args = [TINY, "--input-size", "32", "--branches", "3", "--routing", rule, *options]
@@ -57,6 +60,7 @@ def test_convert_and_inspect_with_every_rule(rule, options, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["routing"]["config"]["rule"] == rule and report["routing"]["routed_params"] == rmn_fx.measure.count_params(gm)
     stages = [row for row in report["parts"] if row["part"].startswith("stage_")]
+    assert len(stages) == len(rmn_fx.nn.routed_stages(gm)) == (6 if "block" in options else 3)  # tiny_cnn: 3 stages of 2 blocks
     paths = 2 if rule == "gate" else 3
     assert all(row["routed_flops_per_sample"] > (paths - 0.01) * row["flops_per_sample"] for row in stages)  # + the rule's own
 
@@ -94,6 +98,8 @@ def cli_error(args, tmp_path, capsys, *needles):
         (["convert", TINY, "--input-size", "32", "--stages", "2,1"], ["overlaps"]),
         (["convert", TINY, "--input-size", "32", "--stages", "1,3"], ["gap"]),
         (["convert", TINY, "--input-size", "32", "--routed", "4"], ["routed stages must be indices in 1..3"]),
+        (["convert", TINY, "--input-size", "32", "--stages", "1.0,1.1", "--granularity", "block"], ["no cut inside any stage", "--granularity stage"]),
+        (["convert", TINY, "--granularity", "layer"], ["--granularity", "'layer'"]),
         (["convert", "tiny_models:untraceable", "--input-size", "32"], ["cannot trace", "DataDependent"]),
         (["convert", TINY, "--input-size", "4,32,32"], ["rejects a 4x32x32 input", "--input-size"]),
         (["convert", "tiny_models:fixed_size", "--input-size", "48"], ["rejects a 3x48x48 input"]),

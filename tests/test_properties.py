@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rmn_fx
+from rmn_fx.errors import StageError
 from rmn_fx.measure import count_params, flop_counts
 from rmn_fx.nn.modes import hooks
 
@@ -74,6 +75,27 @@ def links(gm) -> list[tuple[bool, bool]]:
 def test_detected_stages_are_the_true_stages(spec):
     anatomy = rmn_fx.analyze(spec.build(), input_size=(3, spec.input_side, spec.input_side))
     assert [s.modules for s in anatomy.stages] == spec.expected
+
+
+@pytest.mark.parametrize("rule, options", [("memory", {"attention": True}), ("cross-connections", {})], ids=["memory", "cross-connections"])
+@RULE_SETTINGS
+@given(spec=backbones(), branches=st.integers(2, 4))
+def test_block_granularity_routes_every_block_exactly(rule, options, spec, branches):
+    size = (3, spec.input_side, spec.input_side)
+    if len(spec.expected_blocks) == len(spec.expected):
+        with pytest.raises(StageError, match="no cut inside any stage"):
+            rmn_fx.analyze(spec.build(), input_size=size, granularity="block")
+        return
+    anatomy = rmn_fx.analyze(spec.build(), input_size=size, granularity="block")
+    assert [s.modules for s in anatomy.stages] == spec.expected_blocks
+    base, gm, x = convert(spec, branches, rule, {**options, "granularity": "block"})
+    with torch.no_grad():
+        assert max_relative_error(base(x), gm(x)) <= 1e-5
+    blocks = gm.meta["rmn_stages"]
+    assert len(routed_stages(gm)) == len(blocks)
+    chain = [(rule != "memory" and i > 0, rule != "memory" and i < len(blocks) - 1) for i in range(len(blocks))]
+    assert links(gm) == chain  # paths flow block to block
+    assert count_params(gm) == count_params(base) + sum((branches - 1) * s.params + rule_params(rule, options, s, branches, *link) for s, link in zip(blocks, chain))
 
 
 @routings

@@ -316,20 +316,21 @@ def test_a_run_that_ends_at_chance_fails_and_its_report_says_so(tmp_path):
 
 
 def test_train_takes_the_conversion_options(tmp_path):
-    """--stages, --routed, --input-size and --weights (a fine-tune: the classifier of
-    another class count keeps its initialisation) reach the converted model."""
+    """--stages, --granularity, --routed, --input-size and --weights (a fine-tune: the
+    classifier of another class count keeps its initialisation) reach the converted model."""
     import tiny_models
 
     weights = tmp_path / "w.pt"
     torch.save(tiny_models.tiny_cnn(num_classes=7).state_dict(), weights)
     run = tmp_path / "options"
     args = ["train", TINY, "-b", "2", "--epochs", "2", "--stem-epochs", "1", "--batch-size", "64", "--lr", "0.05"]
-    done = cli(*args, "--stages", "1:1,2:3", "--routed", "2", "--input-size", "24", "--weights", str(weights), "-o", str(run))
+    done = cli(*args, "--stages", "1:1,2:3", "--granularity", "block", "--routed", "2", "--input-size", "24", "--weights", str(weights), "-o", str(run))
     assert done.returncode == 0, done.stderr
     assert "6.weight, 6.bias keep their random initialisation" in done.stdout
     gm = rmn_fx.load(str(run / "model.pt"), trust_factory=True)
     assert gm.meta["rmn_fx"]["routed"] == [2] and gm.meta["rmn_fx"]["input_size"] == [3, 24, 24]
-    assert gm.meta["rmn_fx"]["stages"] == [["1", "1"], ["2", "3"]]
+    assert gm.meta["rmn_fx"]["stages"] == [["1", "1"], ["2", "3"]] and gm.meta["rmn_fx"]["granularity"] == "block"
+    assert [s.modules for s in gm.meta["rmn_stages"]] == [("1.0",), ("1.1",), ("2.0",), ("2.1",), ("3.0",), ("3.1",)]
 
 
 def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path):

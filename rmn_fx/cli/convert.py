@@ -24,13 +24,14 @@ def build(model: str, num_classes, weights):
 @num_classes_option
 @conversion_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (rebuild with rmn_fx.load).")
-def convert(model, weights, input_size, stages, remove_downsamplings, num_classes, routing, branches, top_k, attention, routed, memory_momentum, output):
+def convert(model, weights, input_size, stages, granularity, remove_downsamplings, num_classes, routing, branches, top_k, attention, routed, memory_momentum, output):
     """Convert MODEL into a routed network and save it to --output.
 
     \b
     Examples:
       rmn-fx convert resnet50 --branches 4 -o model.pt
       rmn-fx convert resnet50 --branches 4 --routing cross-connections -o cc.pt
+      rmn-fx convert resnet50 --branches 4 --routing cross-prediction --granularity block -o cp.pt
       rmn-fx convert timm:convnext_atto --branches 8 --routing gate --top-k 2 -o moe.pt
     """
     from rmn_fx.conversion import transform
@@ -42,7 +43,7 @@ def convert(model, weights, input_size, stages, remove_downsamplings, num_classe
 
     check_writable(output)
     net = build(model, num_classes, weights)
-    gm = transform(net, branches, attention, stages, routed, input_size, memory_momentum, remove_downsamplings=remove_downsamplings or 0, routing=routing, top_k=top_k)
+    gm = transform(net, branches, attention, stages, routed, input_size, memory_momentum, remove_downsamplings=remove_downsamplings or 0, routing=routing, top_k=top_k, granularity=granularity)
     gm.meta["rmn_fx"]["source"] = {"model": model, "num_classes": num_classes}
     save(gm, output)
     base, converted = count_params(trace(net)), count_params(gm)  # the traced base: what its forward uses
@@ -60,7 +61,7 @@ def convert(model, weights, input_size, stages, remove_downsamplings, num_classe
 @conversion_options
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.pass_context
-def inspect(ctx, model, weights, input_size, stages, remove_downsamplings, num_classes, as_json, **routing_options):
+def inspect(ctx, model, weights, input_size, stages, granularity, remove_downsamplings, num_classes, as_json, **routing_options):
     """Print the stem, stages and head that rmn-fx finds in MODEL.
 
     With a conversion option (--routing, --branches, ...) it also converts MODEL and shows
@@ -76,14 +77,14 @@ def inspect(ctx, model, weights, input_size, stages, remove_downsamplings, num_c
     from rmn_fx.nn.rules import RoutingConfig
 
     net = build(model, num_classes, weights)
-    anatomy = analyze(net, stages, input_size, remove_downsamplings=remove_downsamplings or 0)
+    anatomy = analyze(net, stages, input_size, remove_downsamplings=remove_downsamplings or 0, granularity=granularity)
     rows = anatomy.parts()
     asked = [name for name in CONVERSION_PARAMS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-    routing = _routed_costs(net, anatomy, stages, remove_downsamplings or 0, rows, **routing_options) if asked else None
+    routing = _routed_costs(net, anatomy, stages, granularity, remove_downsamplings or 0, rows, **routing_options) if asked else None
     if as_json:
         click.echo(json.dumps({"model": model, "input_size": anatomy.input_size, "routing": routing, "parts": rows}, indent=2))
         return
-    click.echo(f"{model}  input {'x'.join(map(str, anatomy.input_size))}  {len(anatomy.stages)} stages")
+    click.echo(f"{model}  input {'x'.join(map(str, anatomy.input_size))}  {len(anatomy.stages)} {granularity}s")
     routed_header = f" {'routed params':>14} {'FLOPs x':>7}" if routing else ""
     header = f"{'part':<9} {'in':>16} {'out':>16} {'params':>12} {'FLOPs':>6}{routed_header}  modules"
     click.echo(header)
@@ -106,7 +107,7 @@ def inspect(ctx, model, weights, input_size, stages, remove_downsamplings, num_c
         )
 
 
-def _routed_costs(net, anatomy, stages, remove_downsamplings, rows, routing, branches, top_k, attention, routed, memory_momentum) -> dict:
+def _routed_costs(net, anatomy, stages, granularity, remove_downsamplings, rows, routing, branches, top_k, attention, routed, memory_momentum) -> dict:
     """Convert as asked; add each part's routed parameters and FLOPs per sample to `rows`
     (and the base's FLOPs per sample); return the totals and the routing."""
     from rmn_fx.conversion import transform
@@ -114,7 +115,7 @@ def _routed_costs(net, anatomy, stages, remove_downsamplings, rows, routing, bra
 
     gm = transform(
         net, branches, attention, stages, routed, list(anatomy.input_size), memory_momentum,
-        remove_downsamplings=remove_downsamplings, routing=routing, top_k=top_k,
+        remove_downsamplings=remove_downsamplings, routing=routing, top_k=top_k, granularity=granularity,
     )
     base, converted = part_costs(anatomy.graph_module, anatomy.sample), part_costs(gm, anatomy.sample)
     for row in rows:

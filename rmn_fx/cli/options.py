@@ -1,6 +1,6 @@
 """Options shared by the commands, so that each has one name and one meaning everywhere.
 
-    model_options        MODEL, --weights, --input-size, --stages, --remove-downsamplings
+    model_options        MODEL, --weights, --input-size, --stages, --granularity, --remove-downsamplings
     conversion_options   --routing, --branches, --routed and the rules' options: --top-k (gate),
                          --attention/--no-attention and --memory-momentum (memory)
     --num-classes        convert and inspect (train takes the class count from its data)
@@ -60,6 +60,7 @@ def model_options(model_required: bool = True, input_help: str = "the model's ow
             click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict or checkpoint to load into the model before conversion."),
             click.option("--input-size", type=InputSize(), help=f"Input C,H,W (or a side S) [default: {input_help}]."),
             click.option("--stages", metavar="A:B,C:D", help="Name the stages by module-path ranges instead of detecting them (e.g. blocks.0:blocks.5,blocks.6:blocks.11)."),
+            click.option("--granularity", type=click.Choice(["stage", "block"]), default="stage", show_default=True, help="Route whole stages, or every block inside a stage as a part of its own (then --routed counts blocks)."),
             click.option("--remove-downsamplings", type=click.IntRange(min=0), help="Make the first K downsamplings keep the resolution (small images) [default: 0; paper: 2 on CIFAR and Tiny ImageNet]."),
         ]
     )
