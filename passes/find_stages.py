@@ -22,7 +22,8 @@ Users may name stages instead, as module-path ranges ("blocks.0:blocks.5,blocks.
 With granularity "block", every stage (found or named) is cut further into its blocks: the
 segments between the main-path cuts inside it that sit at module edges and that no later
 node reads past; a light piece (no weight matrix) joins the block before it, or the one
-after it at the start of a stage (a pool or a norm that opens a downsampling). Each block is then a part of its own, numbered in forward order.
+after it at the start of a stage (a pool or a norm that opens a downsampling). Each block
+is then a part of its own, numbered in forward order.
 The result is stored on `graph_module.meta["rmn_stages"]` (a list of `Stage`) and every
 node gets `meta["rmn_part"]`: "stem", "stage_<i>" or "head".
 """
@@ -147,7 +148,7 @@ class GraphFacts:
         """Per cut: no node before it is read after it (other than the cut itself and
         weights), so that the graph can be split there into single-input parts."""
         reach, clean = -1, []
-        cut_positions = {self.pos[c]: k for k, c in enumerate(self.cuts)}
+        cut_positions = {self.pos[c] for c in self.cuts}
         for i, node in enumerate(self.nodes):
             if i in cut_positions:
                 clean.append(reach <= i)
@@ -274,14 +275,14 @@ def block_cuts(facts: GraphFacts, stages: Sequence[tuple[int, int]]) -> list[tup
     for a, b in stages:
         bounds = [k for k in range(a + 1, b) if facts.at_module_edge(k) and facts.splits_cleanly(k)] + [b]
         own: list[tuple[int, int]] = []
-        own_heavy: list[bool] = []
+        last_heavy = False  # whether the last block of `own` holds a weight matrix
         for start, end in itertools.pairwise([a, *bounds]):
             heavy = any(facts.heavy(k) for k in range(start + 1, end + 1))
-            if own and not (heavy and own_heavy[-1]):  # a light piece, or the first heavy one after a light start
-                own[-1], own_heavy[-1] = (own[-1][0], end), own_heavy[-1] or heavy
+            if own and not (heavy and last_heavy):  # a light piece, or the first heavy one after a light start
+                own[-1], last_heavy = (own[-1][0], end), last_heavy or heavy
             else:
                 own.append((start, end))
-                own_heavy.append(heavy)
+                last_heavy = heavy
         blocks.extend(own)
     if len(blocks) == len(stages):
         raise StageError(
