@@ -10,6 +10,8 @@ convert is recorded with its one-line error. Writes CSV and JSON, prints a Markd
     python benchmarks/zoo.py --hub torchvision -o out/zoo_torchvision
     python benchmarks/zoo.py --hub timm -o out/zoo_timm
     python benchmarks/zoo.py --hub timm --families -o out/zoo_families
+    python benchmarks/zoo.py --hub torchvision --routing gate --top-k 2 -o out/zoo_torchvision_gate2
+    python benchmarks/zoo.py --hub timm --granularity block -o out/zoo_timm_block
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=2)
     parser.add_argument("--models", nargs="*", help="Only these models.")
     parser.add_argument("--families", action="store_true", help="timm: one model per timm module instead of TIMM_MODELS.")
+    parser.add_argument("--routing", default="memory", help="The routing rule (memory, gate, cross-connections, cross-prediction).")
+    parser.add_argument("--top-k", type=int, help="gate routing: procedures per sample.")
+    parser.add_argument("--granularity", choices=["stage", "block"], default="stage", help="Route whole stages or every block.")
     parser.add_argument("-o", "--output", default="out/zoo", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
     if args.models:
@@ -40,7 +45,8 @@ def main() -> None:
         names = one_per_family() if args.families else TIMM_MODELS
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
     sides = SIDES if args.hub == "torchvision" else None
-    rows = [check(prefix + n, args.branches, sides) for n in tqdm(names, desc=f"{args.hub} zoo", disable=None)]
+    rule = {"routing": args.routing, "top_k": args.top_k, "granularity": args.granularity}
+    rows = [check(prefix + n, args.branches, sides, **rule) for n in tqdm(names, desc=f"{args.hub} zoo", disable=None)]
     write_rows(args.output, rows)
     print(f"| model | input | stages | params base -> N={args.branches} | params & FLOPs exact | FLOPs ratio | max rel. error | result |")
     print("|---|---|---|---|---|---|---|---|")

@@ -208,10 +208,14 @@ def _train_epochs(model, epochs, batches_for_epoch, optimizer, context) -> list[
 
 @dataclass
 class RouteCounts:
-    """Test-set routing of one stage: samples per (procedure, class) and (procedure, context)."""
+    """Test-set routing of one routed stage (`stage`: its 1-based place among them): samples
+    per (top procedure, class) and (top procedure, context), and for rules that mix paths
+    the mean of each weighting they apply ("mix": [sources, destinations], "combine": [N])."""
 
+    stage: int
     by_class: torch.Tensor
     by_context: torch.Tensor | None
+    mean_weights: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
@@ -225,40 +229,44 @@ def evaluate(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     desc: str | None = None,
 ) -> tuple[dict, list[RouteCounts]]:
-    """Loss, accuracy and the accuracy of chance over `batches`, and the routes (first
-    choices) of every routed stage that has them (none in the stem phase, none for rules
-    that run every path). `contexts` yields one tensor of context indices per batch (the
+    """Loss, accuracy and the accuracy of chance over `batches`, and the routes (each
+    sample's top procedure, as the stage's `watch` reports it) and mean path weights of
+    every routed stage that reports them (none in the stem phase). `contexts` yields one tensor of context indices per batch (the
     embedded data's hidden contexts); `desc` names the progress display."""
     stages = [s for s in routed_stages(model) if s.phase == "routed"]
-    routes: list[torch.Tensor | None] = [None] * len(stages)
     device = device or next(model.parameters()).device
     by_class = [torch.zeros(s.branches, num_classes, dtype=torch.long, device=device) for s in stages]
     by_context = [torch.zeros(s.branches, max(context_count, 1), dtype=torch.long, device=device) for s in stages]
     routing = [False] * len(stages)  # whether the stage reported routes
+    weight_sums: list[dict[str, torch.Tensor]] = [{} for _ in stages]
     per_class = torch.zeros(num_classes, dtype=torch.float64, device=device)
     stats = torch.zeros(2, dtype=torch.float64, device=device)
     context_iter = iter(contexts) if contexts is not None else None
+    labels = batch_contexts = None  # of the batch being evaluated, read by the recorders
 
     def recorder(i):
-        return lambda stage, args: routes.__setitem__(i, stage.first_choice(args[0]))
+        def record(kind: str, value: torch.Tensor) -> None:
+            if kind != "route":
+                total = weight_sums[i].get(kind)
+                weight_sums[i][kind] = value.detach().double().sum(0) + (0 if total is None else total)
+                return
+            routing[i] = True
+            by_class[i].index_put_((value, labels), torch.ones_like(value), accumulate=True)
+            if batch_contexts is not None:
+                by_context[i].index_put_((value, batch_contexts), torch.ones_like(value), accumulate=True)
 
-    with hooks(s.register_forward_pre_hook(recorder(i)) for i, s in enumerate(stages)), training_mode(model, False):
+        return record
+
+    watching = (handle for i, s in enumerate(stages) for handle in s.watch(recorder(i)))
+    with hooks(watching), training_mode(model, False):
         for images, labels in progress(batches, desc):
             images, labels = images.to(device), labels.to(device)
-            routes[:] = [None] * len(stages)
+            batch_contexts = next(context_iter).to(device) if context_iter is not None else None
             logits = model(images).float()
             stats += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), (logits.argmax(1) == labels).sum().double()])
             per_class += torch.bincount(labels, minlength=num_classes).double()
-            batch_contexts = next(context_iter).to(device) if context_iter is not None else None
-            for i, route in enumerate(routes):
-                if route is None:
-                    continue
-                routing[i] = True
-                by_class[i].index_put_((route, labels), torch.ones_like(route), accumulate=True)
-                if batch_contexts is not None:
-                    by_context[i].index_put_((route, batch_contexts), torch.ones_like(route), accumulate=True)
     if reduce is not None:
-        for t in (stats, per_class, *by_class, *by_context):
+        for t in (stats, per_class, *by_class, *by_context, *(w for sums in weight_sums for w in sums.values())):
             reduce(t)
     samples = per_class.sum()
     summary = {
@@ -267,5 +275,9 @@ def evaluate(
         "samples": int(samples),
         "chance_accuracy": float(per_class.max() / samples),  # always guessing the most frequent class
     }
-    counts = [RouteCounts(c.cpu(), x.cpu() if contexts is not None else None) for c, x, r in zip(by_class, by_context, routing) if r]
+    counts = [
+        RouteCounts(i + 1, c.cpu(), x.cpu() if contexts is not None else None, {k: (w / samples).float().cpu() for k, w in sums.items()})
+        for i, (c, x, r, sums) in enumerate(zip(by_class, by_context, routing, weight_sums))
+        if r
+    ]
     return summary, counts

@@ -29,8 +29,9 @@ def epoch_row(trainer, epoch: int, start_counts, summary: dict, counts, seconds:
         row["train_balance_loss"] = trainer.totals.mean_auxiliary_loss
     stages_now = routed_stages(trainer.model)
     dead = trainer.monitor.dead() if trainer.monitor else [[] for _ in stages_now]
+    test_rows = {row["stage"]: row for row in stage_routing(counts)}
     stages = []
-    for i, (stage, before, test_row) in enumerate(zip(stages_now, start_counts, stage_routing(counts))):
+    for i, (stage, before) in enumerate(zip(stages_now, start_counts)):
         after = stage.sample_counts()
         row_stage = {"stage": i + 1}
         if after is not None:
@@ -38,9 +39,10 @@ def epoch_row(trainer, epoch: int, start_counts, summary: dict, counts, seconds:
             row_stage.update({"train_samples_per_procedure": load.tolist(), **{f"train_{k}": v for k, v in load_balance(load).items()}})
         if trainer.monitor:
             row_stage["dead"] = dead[i]
-        row_stage.update({k: v for k, v in test_row.items() if k.startswith(("nmi", "purity"))})
-        stages.append(row_stage)
-    if stages:  # rules whose samples take every path have no routes to count
+        row_stage.update({k: v for k, v in test_rows.get(i + 1, {}).items() if k.startswith(("nmi", "purity"))})
+        if len(row_stage) > 1:  # the first part of a multi-path chain weighs nothing: no row
+            stages.append(row_stage)
+    if stages:
         row["stages"] = stages
     if trainer.monitor:
         row["dead_procedures"] = sum(len(d) for d in dead)

@@ -2,8 +2,10 @@
 
     report/curves.png  train and test loss and accuracy per epoch, stem and routed phases shaded
     report/load.png    per stage: share of training samples per procedure over the epochs
-    report/routes.png  per stage: test samples by procedure and class, and by procedure and
-                       hidden context where the data has them (final model)
+    report/routes.png  per stage: test samples by (top) procedure and class, and by procedure
+                       and hidden context where the data has them (final model)
+    report/mixing.png  rules that mix paths: per stage, the mean mixing weights (source x
+                       destination) and the mean combining weight of each path (final model)
     report/summary.md  what was trained (model, N, routing, recipe, data), the per-epoch
                        table, the final routing statistics; a run at chance is flagged
 """
@@ -41,10 +43,12 @@ def write_report(run_dir: str) -> tuple[str, list[str]]:
     evaluation = run.read_json(paths.evaluation) if run.state == "finished" else None
     os.makedirs(paths.report, exist_ok=True)
     written = [_save(paths.report, "curves.png", plot_curves(history))]
-    if any("stages" in row for row in history):
+    if any("train_samples_per_procedure" in stage for row in history for stage in row.get("stages", [])):
         written.append(_save(paths.report, "load.png", plot_load(history)))
     if evaluation and evaluation["routes_by_class"]:
         written.append(_save(paths.report, "routes.png", plot_routes(evaluation)))
+    if evaluation and evaluation.get("mean_weights"):
+        written.append(_save(paths.report, "mixing.png", plot_mixing(evaluation["mean_weights"])))
     summary = summary_text(config, history, evaluation)
     write_text(os.path.join(paths.report, "summary.md"), summary)
     written.append("summary.md")
@@ -87,7 +91,7 @@ def plot_load(history: list[dict]):
         counts = np.array([row["stages"][i]["train_samples_per_procedure"] for row in routed], dtype=float)
         shares = counts / counts.sum(1, keepdims=True).clip(min=1)
         ax.stackplot(epochs, shares.T, labels=[f"P{j}" for j in range(shares.shape[1])])
-        ax.set(title=f"stage {i + 1}", xlabel="epoch", ylim=(0, 1))
+        ax.set(title=f"stage {routed[0]['stages'][i]['stage']}", xlabel="epoch", ylim=(0, 1))
         if i == 0:
             ax.set_ylabel("share of training samples")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize="small", title="procedure")
@@ -107,12 +111,38 @@ def plot_routes(evaluation: dict):
             ax, table = axes[r][i], np.array(table, dtype=float)
             shares = table / table.sum(0, keepdims=True).clip(min=1)  # per label: where its samples went
             image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-            ax.set(title=f"stage {i + 1}, NMI {evaluation['stages'][i][nmi]:.2f}", xlabel=what, ylabel="procedure")
+            stage = evaluation["stages"][i]
+            ax.set(title=f"stage {stage['stage']}, NMI {stage[nmi]:.2f}", xlabel=what, ylabel="procedure")
             if len(labels) <= 20:
                 ax.set_xticks(range(len(labels)), labels, fontsize="small", rotation=45 if what == "context" else 0)
             ax.set_yticks(range(table.shape[0]))
         figure.colorbar(image, ax=axes[r].tolist(), label=f"share of the {what}'s test samples")
     figure.suptitle("where the test samples of each class" + (" and each hidden context" if len(rows) > 1 else "") + " go")
+    return figure
+
+
+def plot_mixing(mean_weights: list[dict]):
+    """One column per stage that weighs paths: its mean mixing matrix (where it mixes the
+    paths it receives) above its mean combining weight per path (where the paths leave)."""
+    kinds = [k for k in ("mix", "combine") if any(k in w for w in mean_weights)]
+    figure, axes = plt.subplots(len(kinds), len(mean_weights), figsize=(3.4 * len(mean_weights) + 1.5, 3.2 * len(kinds)), squeeze=False, layout="constrained")
+    for column, weights in enumerate(mean_weights):
+        for row, kind in enumerate(kinds):
+            ax = axes[row][column]
+            if kind not in weights:
+                ax.axis("off")
+                continue
+            matrix = np.array(weights[kind], dtype=float)
+            matrix = matrix if kind == "mix" else matrix[:, None]
+            image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            what = "mixing: source path x destination path" if kind == "mix" else "combining weight per path"
+            ax.set(title=f"stage {weights['stage']}\n{what}", ylabel="source path" if kind == "mix" else "path", xlabel="destination path" if kind == "mix" else "")
+            ax.set_yticks(range(matrix.shape[0]))
+            ax.set_xticks(range(matrix.shape[1]) if kind == "mix" else [])
+            for (y, x), value in np.ndenumerate(matrix):
+                ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize="small", color="white" if value < 0.6 else "black")
+    figure.colorbar(image, ax=axes.ravel().tolist(), label="mean weight over the test samples")
+    figure.suptitle("how the paths are mixed and combined (mean over the test set; 1/N everywhere = no preference)")
     return figure
 
 

@@ -37,10 +37,10 @@ def purity(table: torch.Tensor) -> float:
 def stage_routing(counts: list[RouteCounts]) -> list[dict]:
     """One row per routed stage: samples per procedure, unused procedures, balance, NMI."""
     rows = []
-    for i, stage in enumerate(counts, start=1):
+    for stage in counts:
         load = stage.by_class.sum(1)
         row = {
-            "stage": i,
+            "stage": stage.stage,
             "samples_per_procedure": load.tolist(),
             "unused_procedures": int((load == 0).sum()),
             **load_balance(load),
@@ -55,11 +55,13 @@ def stage_routing(counts: list[RouteCounts]) -> list[dict]:
 
 
 def routing_summary(counts: list[RouteCounts]) -> dict:
-    """The per-stage rows and the raw contingency tables, as written to evaluation files."""
+    """The per-stage rows, the raw contingency tables and the mean path weights (rules
+    that mix paths), as written to evaluation files."""
     return {
         "stages": stage_routing(counts),
         "routes_by_class": [c.by_class.tolist() for c in counts],
         "routes_by_context": [c.by_context.tolist() for c in counts if c.by_context is not None],
+        "mean_weights": [{"stage": c.stage, **{k: w.tolist() for k, w in c.mean_weights.items()}} for c in counts if c.mean_weights],
     }
 
 

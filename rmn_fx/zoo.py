@@ -44,11 +44,11 @@ def one_per_family() -> list[str]:
     return picks
 
 
-def check(name: str, branches: int, sides, routing: str = "memory", top_k: int | None = None) -> dict:
-    """Convert `name` with `routing` and measure it; an RMNError is a result too (its
-    message is kept)."""
-    row = {"model": name, "routing": routing, "status": "ok", "stages": None, "input": None, "named_stages": None, "error": ""}
-    rule = {"routing": routing, "top_k": top_k}
+def check(name: str, branches: int, sides, routing: str = "memory", top_k: int | None = None, granularity: str = "stage") -> dict:
+    """Convert `name` with `routing` at `granularity` and measure it; an RMNError is a
+    result too (its message is kept)."""
+    row = {"model": name, "routing": routing, "top_k": top_k, "granularity": granularity, "status": "ok", "stages": None, "input": None, "named_stages": None, "error": ""}
+    rule = {"routing": routing, "top_k": top_k, "granularity": granularity}
     start = time.perf_counter()
     try:
         base = create_model(name).eval()

@@ -305,19 +305,32 @@ def test_progress_prints_plain_lines_when_the_output_is_not_a_terminal(capsys):
 def test_routes_plot_shows_classes_and_hidden_contexts():
     from rmn_fx.recipes.report import plot_routes
 
-    stage = {"nmi_class": 0.1, "nmi_context": 0.7}
+    stages = [{"stage": i, "nmi_class": 0.1, "nmi_context": 0.7} for i in (2, 3)]  # stage 1 reported no routes
     evaluation = {
         "classes": ["a", "b"],
         "contexts": ["plain", "inverted", "rotated"],
         "routes_by_class": [[[3, 1], [0, 2]]] * 2,
         "routes_by_context": [[[4, 0, 1], [0, 2, 1]]] * 2,
-        "stages": [stage, stage],
+        "stages": stages,
     }
     figure = plot_routes(evaluation)
     titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
     labels = [ax.get_xlabel() for ax in figure.axes if ax.get_title()]
-    assert titles == ["stage 1, NMI 0.10", "stage 2, NMI 0.10", "stage 1, NMI 0.70", "stage 2, NMI 0.70"]
+    assert titles == ["stage 2, NMI 0.10", "stage 3, NMI 0.10", "stage 2, NMI 0.70", "stage 3, NMI 0.70"]
     assert labels == ["class", "class", "context", "context"]
+
+
+def test_mixing_plot_shows_each_stages_mixing_matrix_and_combining_weights():
+    from rmn_fx.recipes.report import plot_mixing
+
+    mean_weights = [{"stage": 2, "mix": [[0.7, 0.4], [0.3, 0.6]]}, {"stage": 3, "mix": [[0.5, 0.5], [0.5, 0.5]], "combine": [0.8, 0.2]}]
+    figure = plot_mixing(mean_weights)
+    shown = [(ax.get_title(), [t.get_text() for t in ax.texts]) for ax in figure.axes if ax.get_title()]
+    assert shown == [
+        ("stage 2\nmixing: source path x destination path", ["0.70", "0.40", "0.30", "0.60"]),
+        ("stage 3\nmixing: source path x destination path", ["0.50", "0.50", "0.50", "0.50"]),
+        ("stage 3\ncombining weight per path", ["0.80", "0.20"]),
+    ]
 
 
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

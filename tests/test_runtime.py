@@ -144,3 +144,29 @@ def test_a_stage_that_emits_paths_returns_one_tensor_per_path_and_the_last_combi
     assert isinstance(paths, tuple) and len(paths) == 3
     with torch.no_grad():  # identical clones: any weights summing to 1 give the plain composition
         assert torch.allclose(last.eval()(paths), last.procedures[0](first.procedures[0](x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["cross-connections", "cross-prediction"])
+def test_watch_reports_the_weights_a_multi_path_stage_applies_and_its_top_path(rule):
+    first, last = rule_stage(rule, emits_paths=True), rule_stage(rule, receives_paths=True)
+    for p in last.parameters():  # break the clones' symmetry, so the weights differ per sample
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(6, 4, 5, 5)
+    seen = {"first": [], "last": []}
+    handles = first.watch(lambda kind, v: seen["first"].append(kind)) + last.watch(lambda kind, v: seen["last"].append((kind, v)))
+    with torch.no_grad():
+        paths = first.eval()(x)
+        out = last.eval()(paths)
+    for handle in handles:
+        handle.remove()
+    assert seen["first"] == []  # hands its paths on unweighted: nothing to report
+    reported = dict(seen["last"])
+    assert list(reported) == ["mix", "combine", "route"]
+    with torch.no_grad():  # what the forward used, recomputed from the stage's own methods
+        mix = last.mixing_weights([last.key(p) for p in paths])
+        mixed = torch.einsum("bst,bs...->bt...", mix, torch.stack(paths, 1)).unbind(1)
+        outputs = torch.stack([proc(p) for proc, p in zip(last.procedures, mixed)], 1)
+    assert torch.allclose(reported["mix"], mix)
+    assert torch.allclose(reported["combine"].sum(1), torch.ones(6))
+    assert torch.allclose(out, torch.einsum("bn,bn...->b...", reported["combine"], outputs), atol=1e-5)
+    assert torch.equal(reported["route"], reported["combine"].argmax(1))  # the top path: the combiner's choice

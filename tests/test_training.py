@@ -199,6 +199,24 @@ def test_data_parallel_on_two_processes_matches_one_process(tmp_path):
     assert two[1]["train_loss"] == pytest.approx(one[1]["train_loss"], rel=5e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", [["--routing", "gate", "--top-k", "1"], ["--routing", "cross-connections"]], ids=["gate", "cross-connections"])
+def test_data_parallel_trains_the_other_rules_like_one_process(tmp_path, rule):
+    """The gate (unused procedures per rank, sample counters summed over ranks) and a
+    multi-path rule (paths threaded between stages) under gloo, against one process."""
+    args = ["tiny_models:tiny_gn", "-b", "2", *rule, "--epochs", "2", "--stem-epochs", "1", "--batch-size", "64", "--lr", "0.05"]
+    single = cli("train", *args, "-o", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rmn_fx"]
+    ddp = subprocess.run([*launcher, "train", *args, "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=CONSOLE_ENV, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert two[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=1e-3)
+    assert two[1]["train_loss"] == pytest.approx(one[1]["train_loss"], rel=5e-2)  # the gate's key norm: per-rank batch statistics
+    if "gate" in rule:  # the main rank reports the load of the whole global batch
+        assert all(sum(s["train_samples_per_procedure"]) == 5752 // 64 * 64 for s in two[1]["stages"])
+
+
 RULE_RUNS = {"gate": ["--routing", "gate", "--top-k", "2"], "cross-prediction": ["--routing", "cross-prediction"]}
 
 
@@ -221,16 +239,23 @@ def test_every_rule_trains_from_the_stem_trained_clones_and_reports(rule_run):
     if rule == "gate":
         assert routed["train_balance_loss"] > 0
         assert all(sum(s["train_samples_per_procedure"]) == 2 * (5752 // 64 * 64) for s in routed["stages"])  # k = 2 each
-    else:
-        assert "stages" not in routed and "train_balance_loss" not in routed  # every sample takes every path
+    else:  # every sample takes every path: no load per procedure, but a top path per part that weighs
+        assert "train_balance_loss" not in routed
+        assert routed["stages"] and all("train_samples_per_procedure" not in s and "nmi_context" in s for s in routed["stages"])
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert evaluation["accuracy"] > 0.3 and not evaluation["at_chance"]
+    if rule != "gate":  # mean mixing weights sum to 1 over sources, combining weights over paths
+        assert evaluation["mean_weights"] and [w["stage"] for w in evaluation["mean_weights"]] == [s["stage"] for s in evaluation["stages"]]
+        for weights in evaluation["mean_weights"]:
+            assert all(abs(sum(column) - 1) < 1e-4 for column in zip(*weights.get("mix", [[1.0]])))
+            assert abs(sum(weights.get("combine", [1.0])) - 1) < 1e-4
     gm = rmn_fx.load(str(run / "model.pt"), trust_factory=True)
     assert {type(s).rule for s in rmn_fx.nn.routed_stages(gm)} == {rule}
     done = cli("report", str(run))
     assert done.returncode == 0, done.stderr
     assert f"{rule} routing" in (run / "report" / "summary.md").read_text()
     assert (run / "report" / "load.png").exists() == (rule == "gate")
+    assert (run / "report" / "mixing.png").exists() == (rule != "gate")
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .layout import LAYOUTS
 
@@ -102,6 +103,19 @@ class RoutedStage(nn.Module):
         statistics count), or None where every sample runs through every path. Pure: it
         changes no state, so evaluation hooks may call it."""
         return None
+
+    def watch(self, record: Callable[[str, torch.Tensor], None]) -> list[RemovableHandle]:
+        """Hooks that report what this part decides on every forward: `record("route", r)`
+        with each sample's top procedure r [B], and, for rules that mix paths,
+        `record(kind, weights)` with the weights they apply (see `MultiPathStage`). The
+        caller removes the handles. By default: the rule's `first_choice`."""
+
+        def hook(stage, args):
+            route = stage.first_choice(args[0])
+            if route is not None:
+                record("route", route)
+
+        return [self.register_forward_pre_hook(hook)]
 
     def sample_counts(self) -> torch.Tensor | None:
         """Training samples each procedure has received so far [N] (load and dead-procedure

@@ -21,6 +21,7 @@ recipe adds with its coefficient (`auxiliary_loss`), and counts the samples per 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ class GatedStage(RoutedStage):
         nn.init.zeros_(self.gate.bias)
         self.register_buffer("samples", torch.zeros(config.branches, dtype=torch.long))
         self._balance_loss: torch.Tensor | None = None
+        self._sum_over_ranks: Callable[[torch.Tensor], None] | None = None
         self.place_like_procedure(self.key_norm, self.gate)
 
     @classmethod
@@ -83,6 +85,12 @@ class GatedStage(RoutedStage):
     def sample_counts(self) -> torch.Tensor:
         return self.samples
 
+    def share_across_ranks(self, all_reduce: Callable[[torch.Tensor], None], every_procedure: bool) -> None:
+        """Also count the samples of every rank, so the load the main rank reports is the
+        whole batch's (the balance loss stays per rank, as in data-parallel MoE training)."""
+        super().share_across_ranks(all_reduce, every_procedure)
+        self._sum_over_ranks = all_reduce
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the latest training forward (None after any other)."""
         return self._balance_loss
@@ -107,4 +115,7 @@ class GatedStage(RoutedStage):
         first = torch.bincount(chosen[:, 0], minlength=self.branches).to(g.dtype) / g.shape[0]
         self._balance_loss = self.branches * (first * g.mean(dim=0)).sum()
         with torch.no_grad():
-            self.samples += torch.bincount(chosen.reshape(-1), minlength=self.branches)
+            counts = torch.bincount(chosen.reshape(-1), minlength=self.branches)
+            if self._sum_over_ranks is not None:
+                self._sum_over_ranks(counts)
+            self.samples += counts

@@ -42,6 +42,10 @@ class MultiPathStage(RoutedStage):
         n = config.branches
         self.mixer = self.build_mixer(spec.in_channels, n) if spec.receives_paths else None
         self.combiner = None if spec.emits_paths else nn.Linear(n * spec.out_channels, n)
+        # Hook points (no parameters, no state): each passes on the weights it is given, so
+        # `watch` can report them without the forward keeping them.
+        self.mixing_probe = nn.Identity() if self.mixer is not None else None
+        self.combining_probe = nn.Identity() if self.combiner is not None else None
         self.place_like_procedure(self.mixer, self.combiner)
 
     def extra_repr(self) -> str:
@@ -79,6 +83,25 @@ class MultiPathStage(RoutedStage):
             flops += 2 * n * math.prod(self.spec.out_shape)
         return flops
 
+    def watch(self, record):
+        """Reports "mix" (the mixer's a [B, sources, destinations]), "combine" (the
+        combiner's c [B, N]) and "route": each sample's top path, the one with the most
+        weight in the part's last weighting (the combiner's c where the paths leave, else
+        the mixer's total weight per source). The first part of a chain that hands its paths
+        on weighs nothing and reports nothing."""
+        last = self.combining_probe or self.mixing_probe
+
+        def hook_for(kind, probe):
+            def hook(module, args, weights):
+                record(kind, weights)
+                if probe is last:
+                    record("route", (weights if kind == "combine" else weights.sum(2)).argmax(1))
+
+            return hook
+
+        probes = [("mix", self.mixing_probe), ("combine", self.combining_probe)]
+        return [probe.register_forward_hook(hook_for(kind, probe)) for kind, probe in probes if probe is not None]
+
     def stem_forward(self, x):
         if isinstance(x, tuple):
             raise RuntimeError("a multi-path stage in the stem phase received paths; set the same phase on every routed stage")
@@ -86,7 +109,7 @@ class MultiPathStage(RoutedStage):
 
     def routed_forward(self, x):
         if isinstance(x, tuple):
-            mixed = weigh(self.mixing_weights([self.key(p) for p in x]), torch.stack(x, dim=1))
+            mixed = weigh(self.mixing_probe(self.mixing_weights([self.key(p) for p in x])), torch.stack(x, dim=1))
             inputs = mixed.unbind(1)
         else:  # the first part of a chain: one tensor stands for every path
             inputs = [x] * self.branches
@@ -95,4 +118,5 @@ class MultiPathStage(RoutedStage):
             return tuple(outputs)
         pool = LAYOUTS[self.spec.out_layout].pool
         logits = self.combiner(torch.cat([pool(y) for y in outputs], dim=1).to(self.combiner.weight.dtype))
-        return weigh(torch.softmax(logits, dim=1).unsqueeze(2), torch.stack(outputs, dim=1)).squeeze(1)
+        weights = self.combining_probe(torch.softmax(logits, dim=1))
+        return weigh(weights.unsqueeze(2), torch.stack(outputs, dim=1)).squeeze(1)
