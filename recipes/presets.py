@@ -34,7 +34,19 @@ class LinearLR:
         return f"{self.rate:g} * batch {batch_size} / {self.per_batch} = {self.at(batch_size):.4g} ({self.source})"
 
 
+@dataclass(frozen=True)
+class OfPeak:
+    """A learning rate set as a fraction of the run's peak, so a warm-up start or a final rate
+    follows whichever optimizer's rule (and batch) sets the peak."""
+
+    fraction: float
+
+    def at(self, peak: float) -> float:
+        return self.fraction * peak
+
+
 TIMM_RMSPROP = LinearLR(0.016, 256, "timm's EfficientNet RMSprop rate; the paper gives none, ours")
+DEIT_ADAMW = LinearLR(5e-4, 512, "DeiT's AdamW rate; the paper gives none, ours")
 
 
 @dataclass(frozen=True)
@@ -47,9 +59,9 @@ class Recipe:
     remove_downsamplings: int
     epochs: int | dict[str, int]  # a dict: per model (base name), DEFAULT_EPOCHS otherwise
     stem_epochs: int
-    lr: LinearLR
-    lr_start: float
-    lr_end: float
+    lr_rules: dict[str, LinearLR]  # optimizer -> its peak-lr rule (the one --optimizer picks)
+    lr_start: float | OfPeak  # the warm-up's first rate (a float: as given, e.g. the paper's)
+    lr_end: float | OfPeak  # the cosine's last rate
     warmup_epochs: float
     optimizer: str
     momentum: float
@@ -57,7 +69,6 @@ class Recipe:
     batch_size: int | None  # None: 256 * N / 2, the paper's
     memory_momentum: float = 0.9
     rmsprop_models: tuple[str, ...] = ()  # base-name prefixes of models trained with RMSprop
-    rmsprop_lr: LinearLR = TIMM_RMSPROP  # its rate, whenever RMSprop is used
     no_downsampling_removal: tuple[str, ...] = ()  # base-name prefixes
     classifier_init: str = "model"  # "zero": zero-initialise a from-scratch model's classifier
     # (base-name prefix, {recipe field: value}): defaults for a family, before the user's options
@@ -67,7 +78,7 @@ class Recipe:
 _PAPER_SGD = LinearLR(0.48, 1024, "the paper's 0.48 at its batch 1024 (N = 8)")
 _PAPER = {
     "stem_epochs": 40,
-    "lr": _PAPER_SGD,
+    "lr_rules": {"sgd": _PAPER_SGD, "rmsprop": TIMM_RMSPROP, "adamw": DEIT_ADAMW},
     "lr_start": 1e-5,
     "lr_end": 1e-5,
     "warmup_epochs": 5,
@@ -86,20 +97,26 @@ RECIPES: dict[str, Recipe] = {
         remove_downsamplings=0,
         epochs=8,
         stem_epochs=3,
-        lr=LinearLR(0.05, 128, "ours; 0.1 made the plain ResNet-18 unstable on some seeds"),
-        lr_start=0.01,
-        lr_end=1e-4,
+        lr_rules={
+            "sgd": LinearLR(0.05, 128, "ours; 0.1 made the plain ResNet-18 unstable on some seeds"),
+            "rmsprop": TIMM_RMSPROP,
+            "adamw": LinearLR(1e-3, 64, "ours; 3e-3 kept a small ViT at chance on the digits"),
+        },
+        lr_start=OfPeak(0.2),  # 0.01 and 1e-4 at SGD's 0.05
+        lr_end=OfPeak(0.002),
         warmup_epochs=1,
         optimizer="sgd",
         momentum=0.9,
         weight_decay=5e-4,
         batch_size=128,
-        # Families that start slowly from scratch: EfficientNet gets a zero classifier
-        # (torchvision's init is sized for 1,000 classes: the first loss is 4-5, not ln 10)
-        # and 4x the steps per epoch. Measured on the plain EfficientNet-B0 (README, "Does
-        # the quick recipe train every family?"): either alone stays at chance, both train it.
+        # Families that start slowly from scratch (README, "Does the quick recipe train every
+        # family?"). EfficientNet gets a zero classifier (torchvision's init is sized for
+        # 1,000 classes: the first loss is 4-5, not ln 10) and 4x the steps per epoch: either
+        # alone stays at chance, both train it. ViTs get AdamW (SGD kept them at chance),
+        # weight decay 0.05 and half the base batch.
         model_defaults=(
             ("efficientnet", {"batch_size": 32, "classifier_init": "zero"}),
+            ("vit", {"optimizer": "adamw", "weight_decay": 0.05, "batch_size": 64, "classifier_init": "zero"}),
         ),
     ),
     "paper-cifar100": Recipe(
@@ -161,8 +178,6 @@ def resolve(recipe_name: str, model: str, branches: int, overrides: dict) -> dic
         "remove_downsamplings": 0 if _matches(name, recipe.no_downsampling_removal) else recipe.remove_downsamplings,
         "epochs": epochs,
         "stem_epochs": recipe.stem_epochs,
-        "lr_start": recipe.lr_start,
-        "lr_end": recipe.lr_end,
         "warmup_epochs": recipe.warmup_epochs,
         "optimizer": optimizer,
         "momentum": recipe.momentum,
@@ -175,9 +190,15 @@ def resolve(recipe_name: str, model: str, branches: int, overrides: dict) -> dic
     if "lr" in given:
         values["lr_rule"] = f"{given['lr']:g} (given with --lr)"
     else:
-        rule = recipe.rmsprop_lr if values["optimizer"] == "rmsprop" else recipe.lr
+        if values["optimizer"] not in recipe.lr_rules:
+            raise OptionError(f"unknown optimizer '{values['optimizer']}'; use one of {', '.join(recipe.lr_rules)}")
+        rule = recipe.lr_rules[values["optimizer"]]
         values["lr"] = rule.at(values["batch_size"])
         values["lr_rule"] = f"{values['optimizer']} at " + rule.describe(values["batch_size"])
+    for key in ("lr_start", "lr_end"):
+        if key not in given:
+            rate = getattr(recipe, key)
+            values[key] = rate.at(values["lr"]) if isinstance(rate, OfPeak) else rate
     if values["data"] is None:
         raise OptionError(f"recipe '{recipe_name}' needs --data (e.g. cifar100:/data/cifar-100-python or imagefolder:/data/tiny-imagenet)")
     if not 0 <= values["stem_epochs"] <= values["epochs"]:

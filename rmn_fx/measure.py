@@ -8,6 +8,7 @@ element-wise ops and the router's distance computation are not counted, for eith
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -81,21 +82,46 @@ def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
         converted.eval()(x)
 
 
-def run_with_procedure_flops(converted: nn.Module, x: torch.Tensor):
-    """Run `converted` on `x` in eval mode; return its output and the FLOPs per sample of one
-    procedure of each routed stage, run alone on the stage's input (the first path's, where
-    paths cross)."""
+@dataclass(frozen=True)
+class ProcedureCost:
+    """FLOPs of one procedure of a routed stage, run alone on the stage's input: `per_sample`
+    grows with its sub-batch, `per_call` does not (tables computed once per forward, e.g.
+    Swin V2's relative-position-bias MLP), and `calls`: how many procedures ran in the
+    converted model's forward."""
+
+    per_sample: float
+    per_call: float
+    calls: int
+
+
+def run_with_procedure_costs(converted: nn.Module, x: torch.Tensor) -> tuple[object, list[ProcedureCost]]:
+    """Run `converted` on `x` in eval mode; return its output and the cost of one procedure
+    of each routed stage (on the stage's input: the first path's where paths cross), its
+    per-sample and per-call parts told apart by running it on the whole input and on one
+    sample."""
     from .nn.routed_stage import routed_stages
 
-    inputs = {}
+    inputs, calls = {}, {}
 
-    def hook(stage, args):
+    def record_input(stage, args):
         inputs[stage] = args[0][0] if isinstance(args[0], tuple) else args[0]
 
+    def count_call(stage):
+        return lambda procedure, args: calls.__setitem__(stage, calls.get(stage, 0) + 1)
+
     stages = routed_stages(converted)
-    with hooks(s.register_forward_pre_hook(hook) for s in stages), training_mode(converted, False), torch.no_grad():
+    watching = [s.register_forward_pre_hook(record_input) for s in stages]
+    watching += [p.register_forward_pre_hook(count_call(s)) for s in stages for p in s.procedures]
+    with hooks(watching), training_mode(converted, False), torch.no_grad():
         output = converted(x)
-    return output, [flop_counts(s.procedures[0], inputs[s])[0] / inputs[s].shape[0] for s in stages]
+    costs = []
+    for stage in stages:
+        batch = inputs[stage].shape[0]
+        whole = flop_counts(stage.procedures[0], inputs[stage])[0]
+        one = flop_counts(stage.procedures[0], inputs[stage][:1])[0] if batch > 1 else whole
+        per_sample = (whole - one) / (batch - 1) if batch > 1 else whole
+        costs.append(ProcedureCost(per_sample, one - per_sample, calls.get(stage, 0)))
+    return output, costs
 
 
 def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
@@ -105,19 +131,21 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
     uses (modules it never calls, like Inception's auxiliary heads in eval mode, are not
     in the graph) + (N - 1) * routed-stage parameters + the rule's own, and
     `expected_flops_per_sample` = base FLOPs + (paths per sample - 1) * a procedure's FLOPs
-    + the rule's matrix products, per routed stage; a conversion is exact when the measured
-    values equal them.
+    per sample + (procedures run - 1) * its FLOPs per call / batch + the rule's matrix
+    products, per routed stage; a conversion is exact when the measured values equal them.
     """
     from .nn.routed_stage import routed_stages
     from .tracing import trace
 
     with torch.no_grad():
         want = base.eval()(x)
-    got, procedure_flops = run_with_procedure_flops(converted.eval(), x)
+    got, costs = run_with_procedure_costs(converted.eval(), x)
     routed = routed_stages(converted)
-    extra_params = sum((s.branches - 1) * count_params(s.procedures[0]) + s.rule_parameters(s.spec, s.config) for s in routed)
-    extra_flops = sum((s.paths_per_sample - 1) * f + s.routing_flops_per_sample() for s, f in zip(routed, procedure_flops))
     batch = x.shape[0]
+    extra_params = sum((s.branches - 1) * count_params(s.procedures[0]) + s.rule_parameters(s.spec, s.config) for s in routed)
+    extra_flops = sum(
+        (s.paths_per_sample - 1) * c.per_sample + (c.calls - 1) * c.per_call / batch + s.routing_flops_per_sample() for s, c in zip(routed, costs)
+    )
     base_flops, converted_flops = flop_counts(base, x)[0] / batch, flop_counts(converted, x)[0] / batch
     return {
         "max_relative_error": relative_error(want, got),
@@ -128,4 +156,5 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
         "converted_flops_per_sample": converted_flops,
         "expected_flops_per_sample": base_flops + extra_flops,
         "flops_ratio": converted_flops / base_flops if base_flops else float("nan"),
+        "per_call_flops": sum(c.per_call for c in costs),  # FLOPs of the routed parts that do not grow with the batch
     }

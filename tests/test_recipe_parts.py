@@ -230,6 +230,10 @@ def test_every_procedure_dispatch_runs_idle_procedures_on_empty_batches_with_the
         ("paper-imagenet", "efficientnet_b0", 4, {"optimizer": "sgd"}, "sgd", 0.24, "sgd at 0.48 * batch 512"),
         ("quick", "resnet18", 8, {"lr": 0.3}, "sgd", 0.3, "given with --lr"),
         ("quick", "efficientnet_b0", 4, {"batch_size": 64}, "sgd", 0.025, "0.05 * batch 64 / 128"),  # the user's beats it
+        ("quick", "resnet18", 4, {"optimizer": "adamw"}, "adamw", 2e-3, "adamw at 0.001 * batch 128 / 64"),  # AdamW's own rule
+        ("quick", "timm:vit_tiny_patch16_224", 4, {}, "adamw", 1e-3, "adamw at 0.001 * batch 64 / 64"),  # the ViT family's
+        ("quick", "timm:vit_tiny_patch16_224", 4, {"optimizer": "sgd"}, "sgd", 0.025, "sgd at 0.05 * batch 64 / 128"),
+        ("paper-imagenet", "resnet50", 8, {"optimizer": "adamw"}, "adamw", 1e-3, "adamw at 0.0005 * batch 1024 / 512"),
     ],
 )
 def test_every_preset_derives_its_lr_from_the_actual_batch_and_says_how(recipe, model, branches, overrides, optimizer, lr, rule):
@@ -240,6 +244,19 @@ def test_every_preset_derives_its_lr_from_the_actual_batch_and_says_how(recipe, 
     assert values["optimizer"] == optimizer
     assert values["lr"] == pytest.approx(lr)
     assert rule in values["lr_rule"]
+
+
+def test_the_warm_up_starts_below_the_peak_whichever_optimizer_sets_it():
+    """The quick recipe's warm-up start and final rate are fractions of the peak: AdamW's
+    peak of 1e-3 must not warm 'up' from SGD's 0.01. The paper's are its absolute values."""
+    from rmn_fx.recipes.presets import resolve
+
+    for model, overrides in [("resnet18", {}), ("resnet18", {"optimizer": "adamw"}), ("timm:vit_tiny_patch16_224", {}), ("efficientnet_b0", {})]:
+        values = resolve("quick", model, 4, overrides)
+        assert values["lr_start"] == pytest.approx(0.2 * values["lr"]) and values["lr_end"] == pytest.approx(0.002 * values["lr"])
+    assert resolve("quick", "resnet18", 4, {})["lr_start"] == pytest.approx(0.01)  # SGD's 0.05 peak, as before
+    assert resolve("quick", "resnet18", 4, {"lr_start": 0.03})["lr_start"] == 0.03
+    assert resolve("paper-imagenet", "resnet50", 8, {})["lr_start"] == 1e-5
 
 
 def test_run_config_round_trips_and_refuses_unknown_settings(tmp_path):
@@ -353,6 +370,8 @@ def test_family_defaults_of_the_quick_recipe_yield_to_the_users_options():
     assert resolve("quick", "resnet18", 4, {})["classifier_init"] == "model"
     assert resolve("quick", "efficientnet_b0", 4, {"classifier_init": "model"})["classifier_init"] == "model"
     assert resolve("quick", "resnet18", 4, {})["batch_size"] == 128
+    vit = resolve("quick", "timm:vit_tiny_patch16_224", 4, {"weight_decay": 0.1})
+    assert (vit["optimizer"], vit["weight_decay"], vit["batch_size"], vit["classifier_init"]) == ("adamw", 0.1, 64, "zero")
 
 
 def test_a_zero_classifier_starts_at_the_uniform_guess():
