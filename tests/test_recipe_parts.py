@@ -256,7 +256,7 @@ def test_the_warm_up_starts_below_the_peak_whichever_optimizer_sets_it():
         assert values["lr_start"] == pytest.approx(0.2 * values["lr"]) and values["lr_end"] == pytest.approx(0.002 * values["lr"])
     assert resolve("quick", "resnet18", 4, {})["lr_start"] == pytest.approx(0.01)  # SGD's 0.05 peak, as before
     assert resolve("quick", "resnet18", 4, {"lr_start": 0.03})["lr_start"] == 0.03
-    assert resolve("paper-imagenet", "resnet50", 8, {})["lr_start"] == 1e-5
+    assert resolve("paper-imagenet", "resnet50", 8, {"data": "imagefolder:/data"})["lr_start"] == 1e-5
 
 
 def test_run_config_round_trips_and_refuses_unknown_settings(tmp_path):
