@@ -231,8 +231,9 @@ def evaluate(
 ) -> tuple[dict, list[RouteCounts]]:
     """Loss, accuracy and the accuracy of chance over `batches`, and the routes (each
     sample's top procedure, as the stage's `watch` reports it) and mean path weights of
-    every routed stage that reports them (none in the stem phase). `contexts` yields one tensor of context indices per batch (the
-    embedded data's hidden contexts); `desc` names the progress display."""
+    every routed stage that reports them (none in the stem phase). `contexts` yields one
+    tensor of context indices per batch (the embedded data's hidden contexts); `desc` names
+    the progress display."""
     stages = [s for s in routed_stages(model) if s.phase == "routed"]
     device = device or next(model.parameters()).device
     by_class = [torch.zeros(s.branches, num_classes, dtype=torch.long, device=device) for s in stages]
