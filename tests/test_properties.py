@@ -237,3 +237,25 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path_factory, rule, op
     assert [type(s) for s in routed_stages(loaded)] == [type(s) for s in routed_stages(gm)]
     with torch.no_grad():
         assert torch.equal(gm(x), loaded(x))
+
+
+@pytest.mark.parametrize("rule, top_k, branches", [("gate", 2, 2), ("cross-connections", None, 3)])
+def test_flops_of_work_done_once_per_forward_are_counted_once_per_procedure_run(rule, top_k, branches):
+    """A batch-independent table inside a stage is computed by every procedure that runs:
+    the FLOPs prediction splits each procedure's cost into per-sample and per-call parts."""
+    from tiny_models import tiny_table
+
+    from rmn_fx.measure import compare, run_with_procedure_costs
+
+    torch.manual_seed(0)
+    base = tiny_table().eval()
+    gm = rmn_fx.transform(base, branches=branches, input_size=(3, 32, 32), routing=rule, top_k=top_k)
+    randomize_rule_weights(gm)
+    x = torch.randn(6, 3, 32, 32)
+    _, costs = run_with_procedure_costs(gm, x)
+    assert all(c.per_call == 2 * (1 * 32 + 32 * s.spec.out_channels) * 64 for c, s in zip(costs, rmn_fx.nn.routed_stages(gm)))
+    assert all(c.calls == branches for c in costs)  # every procedure ran: the table was computed N times
+    row = compare(base, gm, x)
+    assert row["max_relative_error"] < 1e-5
+    assert row["converted_flops_per_sample"] == pytest.approx(row["expected_flops_per_sample"], rel=1e-12)
+    assert row["converted_flops_per_sample"] > row["base_flops_per_sample"]  # the price of routing it

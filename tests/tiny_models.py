@@ -67,3 +67,24 @@ def not_a_module():
 def raising(num_classes: int = 10) -> nn.Module:
     """A factory with a bug: building the model fails."""
     raise ValueError("width must be positive")
+
+
+class TableBias(nn.Module):
+    """Adds a bias computed by a small MLP from a fixed table, once per forward whatever the
+    batch (as Swin V2's relative-position bias): FLOPs that do not grow with the batch."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.linspace(-1, 1, 64).view(64, 1))
+        self.mlp = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, channels))
+
+    def forward(self, x):
+        return x + self.mlp(self.table).mean(0).view(1, -1, 1, 1)
+
+
+def tiny_table(num_classes: int = 10) -> nn.Module:
+    """tiny_cnn whose stages each add a batch-independent table bias."""
+    model = tiny_cnn(num_classes)
+    for index, channels in ((1, 8), (2, 16), (3, 32)):
+        model[index].append(TableBias(channels))
+    return model
