@@ -371,7 +371,7 @@ def test_family_defaults_of_the_quick_recipe_yield_to_the_users_options():
     assert resolve("quick", "efficientnet_b0", 4, {"classifier_init": "model"})["classifier_init"] == "model"
     assert resolve("quick", "resnet18", 4, {})["batch_size"] == 128
     vit = resolve("quick", "timm:vit_tiny_patch16_224", 4, {"weight_decay": 0.1})
-    assert (vit["optimizer"], vit["weight_decay"], vit["batch_size"], vit["classifier_init"]) == ("adamw", 0.1, 64, "zero")
+    assert (vit["optimizer"], vit["weight_decay"], vit["batch_size"], vit["classifier_init"]) == ("adamw", 0.1, 64, "model")
 
 
 def test_a_zero_classifier_starts_at_the_uniform_guess():
