@@ -1,10 +1,11 @@
 """Convert every torchvision classification model and a list of timm architectures.
 
 For each model: convert with N procedures (attention on) and record parameter and FLOP
-accounting and the function error right after conversion; then route the N samples of
-the batch to N different procedures and record the error against the base model run on
-each sample alone (a randomly initialised net's own output moves by up to 1e-3 between
-batch sizes, so a split batch is compared with the same split). A model rmn-fx cannot
+accounting and the function error right after conversion; then spread the samples over
+the procedures and record the error against the base model run on each sample alone
+(memory routing: the batch split into one-sample sub-batches, one per procedure; other
+rules: each sample alone, since their random gates make sub-batches of any size and a
+randomly initialised net's own output moves by up to 1e-3 between batch sizes). A model rmn-fx cannot
 convert is recorded with its one-line error. Writes CSV and JSON, prints a Markdown table.
 
     python benchmarks/zoo.py --hub torchvision -o out/zoo_torchvision
