@@ -170,3 +170,22 @@ def test_watch_reports_the_weights_a_multi_path_stage_applies_and_its_top_path(r
     assert torch.allclose(reported["combine"].sum(1), torch.ones(6))
     assert torch.allclose(out, torch.einsum("bn,bn...->b...", reported["combine"], outputs), atol=1e-5)
     assert torch.equal(reported["route"], reported["combine"].argmax(1))  # the top path: the combiner's choice
+
+
+def test_weighing_identical_paths_returns_them_exactly_and_keeps_the_plain_sums_gradients():
+    from rmn_fx.nn.routed_stage import weigh
+
+    torch.manual_seed(0)
+    path = torch.randn(5, 1, 4, 3, 3) * 1e4  # large values: a plain weighted sum would round
+    logits = torch.randn(5, 3, 2, requires_grad=True)
+    weights = torch.softmax(logits, dim=1)  # 3 sources -> 2 destinations
+    assert torch.equal(weigh(weights, path.expand(5, 3, 4, 3, 3)), path.expand(5, 2, 4, 3, 3))
+    paths = torch.randn(5, 3, 4, 3, 3, requires_grad=True)
+    ours = weigh(weights, paths)
+    plain = torch.einsum("bst,bs...->bt...", weights, paths)
+    assert torch.allclose(ours, plain, atol=1e-5)
+    upstream = torch.randn_like(ours)
+    grads = torch.autograd.grad(ours, (logits, paths), upstream, retain_graph=True)
+    plain_grads = torch.autograd.grad(plain, (logits, paths), upstream)
+    for got, want in zip(grads, plain_grads):
+        assert torch.allclose(got, want, atol=1e-4)

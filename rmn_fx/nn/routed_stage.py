@@ -158,14 +158,25 @@ class RoutedStage(nn.Module):
 
 
 def weigh(weights: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
-    """out[b, t] = sum_s weights[b, s, t] * paths[b, s]: paths [B, S, ...] -> [B, T, ...].
+    """out[b, t] = sum_s weights[b, s, t] * paths[b, s]: paths [B, S, ...] -> [B, T, ...],
+    for weights that sum to 1 over the S sources (S > 1) or a single weight of 1 in value.
 
+    With several sources it is computed as paths[b, 0] + sum_s weights[b, s, t] *
+    (paths[b, s] - paths[b, 0]): the same value and the same gradients (a softmax's or a
+    normalisation's Jacobian ignores a shift common to every source), but exactly paths[b, 0]
+    when every path is equal, as a fresh conversion's clones are, however ill-conditioned the
+    network (the plain weighted sum's rounding moved a random EfficientNetV2's output by 1e-4).
     One batched matrix product, so the FLOP counter sees the weighting (2 * S * T * D per
-    sample for D entries per path) and a weight of exactly 1 over one path is exact."""
+    sample for D entries per path)."""
     batch, sources = paths.shape[:2]
     flat = paths.reshape(batch, sources, -1)
-    mixed = torch.bmm(weights.transpose(1, 2).to(flat.dtype), flat)
-    return mixed.view(batch, weights.shape[2], *paths.shape[2:])
+    weights = weights.transpose(1, 2).to(flat.dtype)
+    if sources == 1:  # a top-1 gate's g / stopgrad(g): exactly 1, and the gate's gradient
+        mixed = torch.bmm(weights, flat)
+    else:
+        anchor = flat[:, :1]
+        mixed = anchor + torch.bmm(weights, flat - anchor)
+    return mixed.view(batch, weights.shape[1], *paths.shape[2:])
 
 
 def routed_stages(model: nn.Module) -> list[RoutedStage]:
