@@ -89,7 +89,7 @@ class MultiPathStage(RoutedStage):
         weight in the part's last weighting (the combiner's c where the paths leave, else
         the mixer's total weight per source). The first part of a chain that hands its paths
         on weighs nothing and reports nothing."""
-        last = self.combining_probe or self.mixing_probe
+        last = self.combining_probe if self.combining_probe is not None else self.mixing_probe
 
         def hook_for(kind, probe):
             def hook(module, args, weights):
