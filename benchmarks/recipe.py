@@ -14,6 +14,7 @@ and, to find out why RMN does what it does:
   memory-paper-batch    RMN at the paper's batch rule, 256 * N / 2 (each procedure's BatchNorm
                         sees about half a base batch), lr following the batch
   memory-long           RMN with twice the epochs, the extra ones routed
+  base-long             the plain network with twice the epochs (memory-long's reference)
 It prints mean +- std test accuracy, FLOPs per sample (and the ratio to the base model,
 measured in this run), parameters, training seconds per epoch as a ratio to the base's
 (configs interleave within each seed, so the machine's load hits all alike), routing NMI
@@ -21,7 +22,7 @@ with the hidden contexts and the classes (rules that route), and dead procedures
 (memory routing). Writes OUT.json and OUT.csv.
 
     python benchmarks/recipe.py -o out/rules                                  # the rule comparison
-    python benchmarks/recipe.py --configs base memory memory-n2 memory-n8 memory-paper-batch memory-long -o out/why
+    python benchmarks/recipe.py --configs base memory memory-n2 memory-n8 memory-paper-batch memory-long base-long -o out/why
     python benchmarks/recipe.py --branches 8 --configs base memory-noca memory memory-norevive -o out/recipe
 """
 
@@ -54,6 +55,7 @@ CONFIGS = {  # name -> run settings; "branches", "batch_rule" and "extra_epochs"
     "memory-n8": {"branches": 8, "attention": True},
     "memory-paper-batch": {"attention": True, "batch_rule": "paper"},
     "memory-long": {"attention": True, "extra_epochs": True},
+    "base-long": {"branches": 1, "extra_epochs": True},
 }
 RULE_COMPARISON = ["base", "memory", "cross-connections", "cross-prediction", "gate-top1", "gate-top2"]
 
