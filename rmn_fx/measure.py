@@ -118,9 +118,12 @@ def run_with_procedure_costs(converted: nn.Module, x: torch.Tensor) -> tuple[obj
     for stage in stages:
         batch = inputs[stage].shape[0]
         whole = flop_counts(stage.procedures[0], inputs[stage])[0]
-        one = flop_counts(stage.procedures[0], inputs[stage][:1])[0] if batch > 1 else whole
-        per_sample = (whole - one) / (batch - 1) if batch > 1 else whole
-        costs.append(ProcedureCost(per_sample, one - per_sample, calls.get(stage, 0)))
+        per_sample, per_call = whole, 0  # one sample: the two parts cannot be told apart, nor need to be
+        if batch > 1:
+            one = flop_counts(stage.procedures[0], inputs[stage][:1])[0]
+            per_sample = (whole - one) / (batch - 1)
+            per_call = one - per_sample
+        costs.append(ProcedureCost(per_sample, per_call, calls.get(stage, 0)))
     return output, costs
 
 
