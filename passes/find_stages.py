@@ -20,8 +20,9 @@ The rule, for any feed-forward graph (see the README's "Anatomy" section):
 
 Users may name stages instead, as module-path ranges ("blocks.0:blocks.5,blocks.6:blocks.11").
 With granularity "block", every stage (found or named) is cut further into its blocks: the
-segments between the main-path cuts inside it that sit at module edges and that no later
-node reads past; a light piece (no weight matrix) joins the block before it, or the one
+segments between the main-path cuts inside it that no later node reads past and that split
+no module lying inside the stage, other than containers and modules that only call their
+submodules (a stage wrapper); a light piece (no weight matrix) joins the block before it, or the one
 after it at the start of a stage (a pool or a norm that opens a downsampling). Each block
 is then a part of its own, numbered in forward order.
 The result is stored on `graph_module.meta["rmn_stages"]` (a list of `Stage`) and every
@@ -125,7 +126,7 @@ class GraphFacts:
         self.nodes = list(graph_module.graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.cuts = main_path(graph_module.graph)
-        self.spans, self.splittable = self._module_spans()
+        self.spans, self.splittable, self.delegating = self._module_spans()
         self._edges = [self._at_module_edge(k) for k in range(len(self.cuts))]
         self._clean = self._clean_cuts()
         self._heavy = [False] + [
@@ -133,16 +134,24 @@ class GraphFacts:
         ]
 
     def _module_spans(self):
+        """Per module path: the positions of its first and last node; the paths a cut may
+        pass through (containers, leaf calls); and the paths whose forward only calls
+        submodules (no node of their own: timm's ConvNeXtStage, a stage wrapper)."""
         spans: dict[str, tuple[int, int]] = {}
         splittable: set[str] = {""}
+        owners: set[str] = set()  # paths that are some node's innermost module
         leaves = {n.target for n in self.nodes if n.op == "call_module"}
         for i, node in enumerate(self.nodes):
-            for path, cls in node.meta.get("nn_module_stack", {}).values():
+            stack = list(node.meta.get("nn_module_stack", {}).values())
+            if stack:
+                owners.add(stack[-1][0])
+            for path, cls in stack:
                 first, _ = spans.get(path, (i, i))
                 spans[path] = (first, i)
                 if path in leaves or (isinstance(cls, type) and issubclass(cls, CONTAINERS)):
                     splittable.add(path)
-        return spans, splittable
+        delegating = {p for p in spans if p not in owners or p in leaves}
+        return spans, splittable, delegating
 
     def _clean_cuts(self) -> list[bool]:
         """Per cut: no node before it is read after it (other than the cut itself and
@@ -199,6 +208,17 @@ class GraphFacts:
     def at_module_edge(self, k: int) -> bool:
         """No module other than a container has nodes on both sides of cut k."""
         return self._edges[k]
+
+    def at_block_edge(self, k: int, a: int, b: int) -> bool:
+        """Cut k may split stage (a, b) into blocks: every module it passes through is a
+        container, only calls its submodules, or reaches outside the stage (the stage's own
+        boundaries cut it already, as named stages cut torchvision's ViT `encoder`)."""
+        p, lo, hi = self.pos[self.cuts[k]], self.pos[self.cuts[a]], self.pos[self.cuts[b]]
+        return not any(
+            first <= p < last and lo < first and last <= hi
+            for path, (first, last) in self.spans.items()
+            if path not in self.splittable and path not in self.delegating
+        )
 
     def _at_module_edge(self, k: int) -> bool:
         p = self.pos[self.cuts[k]]
@@ -273,7 +293,7 @@ def block_cuts(facts: GraphFacts, stages: Sequence[tuple[int, int]]) -> list[tup
     """Every stage (a, b) cut into its blocks (see the module docstring)."""
     blocks = []
     for a, b in stages:
-        bounds = [k for k in range(a + 1, b) if facts.at_module_edge(k) and facts.splits_cleanly(k)] + [b]
+        bounds = [k for k in range(a + 1, b) if facts.at_block_edge(k, a, b) and facts.splits_cleanly(k)] + [b]
         own: list[tuple[int, int]] = []
         last_heavy = False  # whether the last block of `own` holds a weight matrix
         for start, end in itertools.pairwise([a, *bounds]):

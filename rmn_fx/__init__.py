@@ -9,6 +9,7 @@ import importlib
 
 from .errors import (
     ConversionError,
+    ExportError,
     InputSizeError,
     ModelBuildError,
     ModelFileError,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Anatomy": "conversion",
     "analyze": "conversion",
+    "export": "deploy",
     "transform": "conversion",
     "load": "serialization",
     "save": "serialization",
@@ -51,6 +53,7 @@ def __getattr__(name: str):
 __all__ = [
     "Anatomy",
     "ConversionError",
+    "ExportError",
     "InputSizeError",
     "ModelBuildError",
     "ModelFileError",
@@ -68,6 +71,7 @@ __all__ = [
     "UntrustedCodeError",
     "WeightsError",
     "analyze",
+    "export",
     "load",
     "rule_names",
     "save",

@@ -49,6 +49,10 @@ class ConversionError(RMNError):
     """The converted model does not compute the original function (a bug: please report)."""
 
 
+class ExportError(RMNError):
+    """A model cannot be exported in the format asked for (the message names the failing op)."""
+
+
 class ModelFileError(RMNError):
     """A model file is missing, corrupt, truncated, of another format version, or not ours."""
 

@@ -29,7 +29,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, then rename it onto `path`; never leaves a partial file."""
     check_writable(path)
     directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    # hidden, and ending like `path` (writers that check the suffix, as torch.export.save does, accept it)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=f".tmp{os.path.splitext(name)[1]}")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -65,20 +65,19 @@ def relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:
-    """Point every memory router's memories at the keys of different samples of `x`.
+    """Point every routed stage's routing state at different samples of `x`
+    (`RoutedStage.spread_over_procedures`: the memories, a gate's weights).
 
     Right after conversion all memories are zero and every sample takes procedure 0; this
     spreads a batch over min(B, N) procedures, so that checks exercise the dispatch.
-    (Other rules spread samples by their random initial gates already.)
     """
     from .nn.routed_stage import routed_stages
 
     def hook(stage, args):
-        keys = stage.key(args[0]).detach()
-        stage.router.memory.copy_(keys[torch.arange(stage.branches) % keys.shape[0]])
+        if not isinstance(args[0], tuple):  # paths: a multi-path stage, nothing to point
+            stage.spread_over_procedures(args[0])
 
-    memory_stages = [m for m in routed_stages(converted) if m.rule == "memory"]
-    with hooks(m.register_forward_pre_hook(hook) for m in memory_stages), torch.no_grad():
+    with hooks(s.register_forward_pre_hook(hook) for s in routed_stages(converted)), torch.no_grad():
         converted.eval()(x)
 
 

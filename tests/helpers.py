@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+import rmn_fx
 from rmn_fx.measure import relative_error as max_relative_error  # noqa: F401 - re-exported for tests
-from rmn_fx.measure import spread_routes  # noqa: F401 - re-exported for tests
+from rmn_fx.measure import spread_routes
 from rmn_fx.nn.routed_stage import routed_stages
 
 TESTS = Path(__file__).parent
@@ -86,3 +88,42 @@ def rule_flops(rule: str, options: dict, stage, branches: int, receives: bool, e
 
 def paths_per_sample(rule: str, options: dict, branches: int) -> int:
     return {"memory": 1, "gate": options.get("top_k", 1)}.get(rule, branches)
+
+
+ROUTINGS = [  # (rule, options): every rule, and the gate with one and two procedures per sample
+    ("memory", {"attention": True}),
+    ("memory", {"attention": False}),
+    ("gate", {"top_k": 1}),
+    ("gate", {"top_k": 2}),
+    ("cross-connections", {}),
+    ("cross-prediction", {}),
+]
+ROUTING_IDS = [f"{rule}-{'-'.join(f'{k}={v}' for k, v in options.items())}".rstrip("-") for rule, options in ROUTINGS]
+routings = pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
+
+
+def convert(spec, branches, rule="memory", options=None, routed=None):
+    """The base network, its conversion (rule weights drawn at random, not at their init)
+    and an input batch."""
+    options = options or {}
+    if rule == "gate":
+        branches = max(branches, options["top_k"])
+    base = spec.build().eval()
+    size = (3, spec.input_side, spec.input_side)
+    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=size, routed=routed, **options).eval()
+    x = torch.randn(max(branches, 3), *size, generator=torch.Generator().manual_seed(1))
+    if rule == "memory":
+        spread_routes(gm, x)
+    else:
+        randomize_rule_weights(gm)
+    return base, gm, x
+
+
+def randomize_rule_weights(gm) -> None:
+    """Draw every routing parameter (not the clones') from N(0, 1): far from any initialisation."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for stage in routed_stages(gm):
+            for name, p in stage.named_parameters():
+                if not name.startswith("procedures."):
+                    p.copy_(torch.randn(p.shape, generator=generator))

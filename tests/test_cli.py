@@ -65,7 +65,7 @@ def test_convert_and_inspect_with_every_rule(rule, options, tmp_path, capsys):
     assert all(row["routed_flops_per_sample"] > (paths - 0.01) * row["flops_per_sample"] for row in stages)  # + the rule's own
 
 
-@pytest.mark.parametrize("command", [[], ["convert"], ["inspect"], ["train"], ["eval"], ["report"]])
+@pytest.mark.parametrize("command", [[], ["convert"], ["inspect"], ["train"], ["eval"], ["report"], ["export"]])
 def test_every_command_has_help(command, capsys):
     assert main([*command, "--help"]) == 0
     assert "Usage:" in capsys.readouterr().out

@@ -11,8 +11,10 @@ import pytest
 ROOT = Path(__file__).parents[1]
 LAYERS = {  # folder (installed package) -> rank; lower ranks may not import higher ones
     "rmn_fx/nn": ("rmn_fx.nn", 0),
+    "rmn_fx/nn/rules": ("rmn_fx.nn.rules", 0),
     "passes": ("rmn_fx.passes", 1),
     "rmn_fx": ("rmn_fx", 2),
+    "rmn_fx/deploy": ("rmn_fx.deploy", 2),
     "recipes": ("rmn_fx.recipes", 3),
     "rmn_fx/cli": ("rmn_fx.cli", 4),
 }

@@ -7,10 +7,13 @@ import pytest
 import torch
 from backbones import backbones
 from helpers import (
+    convert,
     max_relative_error,
     paths_per_sample,
+    randomize_rule_weights,
     record_routes,
     routed_stages,
+    routings,
     rule_flops,
     rule_params,
     spread_routes,
@@ -26,45 +29,6 @@ from rmn_fx.nn.modes import hooks
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RULE_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 branch_counts = st.integers(1, 8)
-ROUTINGS = [  # (rule, options): every rule, and the gate with one and two procedures per sample
-    ("memory", {"attention": True}),
-    ("memory", {"attention": False}),
-    ("gate", {"top_k": 1}),
-    ("gate", {"top_k": 2}),
-    ("cross-connections", {}),
-    ("cross-prediction", {}),
-]
-ROUTING_IDS = [f"{rule}-{'-'.join(f'{k}={v}' for k, v in options.items())}".rstrip("-") for rule, options in ROUTINGS]
-routings = pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
-
-
-def convert(spec, branches, rule="memory", options=None, routed=None):
-    """The base network, its conversion (rule weights drawn at random, not at their init)
-    and an input batch."""
-    options = options or {}
-    if rule == "gate":
-        branches = max(branches, options["top_k"])
-    base = spec.build().eval()
-    size = (3, spec.input_side, spec.input_side)
-    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=size, routed=routed, **options).eval()
-    x = torch.randn(max(branches, 3), *size, generator=torch.Generator().manual_seed(1))
-    if rule == "memory":
-        spread_routes(gm, x)
-    else:
-        randomize_rule_weights(gm)
-    return base, gm, x
-
-
-def randomize_rule_weights(gm) -> None:
-    """Draw every routing parameter (not the clones') from N(0, 1): far from any initialisation."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for stage in routed_stages(gm):
-            for name, p in stage.named_parameters():
-                if not name.startswith("procedures."):
-                    p.copy_(torch.randn(p.shape, generator=generator))
-
-
 def links(gm) -> list[tuple[bool, bool]]:
     """(receives paths, emits paths) of each routed stage, as the rewrite chose."""
     return [(s.spec.receives_paths, s.spec.emits_paths) for s in routed_stages(gm)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 
@@ -87,4 +88,20 @@ def tiny_table(num_classes: int = 10) -> nn.Module:
     model = tiny_cnn(num_classes)
     for index, channels in ((1, 8), (2, 16), (3, 32)):
         model[index].append(TableBias(channels))
+    return model
+
+
+@register_notrace_module  # a leaf to torch.fx, as timm registers its own
+class SignFlip(nn.Module):
+    """Branches on tensor values inside a leaf module: torch.fx keeps it whole, torch.export
+    cannot capture it."""
+
+    def forward(self, x):
+        return -x if x.mean() < 0 else x
+
+
+def tiny_sign_flip(num_classes: int = 10) -> nn.Module:
+    """tiny_cnn with a `SignFlip` before its head: it converts, but does not export."""
+    model = tiny_cnn(num_classes)
+    model.insert(4, SignFlip())
     return model

@@ -1,5 +1,5 @@
 """The `rmn-fx` command line: convert and inspect (convert.py); train, eval and report
-(train.py); the options they share (options.py).
+(train.py); export (export.py); the options they share (options.py).
 
 Bad input ends with one line on stderr, `rmn-fx: error: ...`, and exit code 2. Importing
 this package loads click only: torch comes with the command that needs it, so
@@ -15,6 +15,7 @@ import click
 from rmn_fx.errors import RMNError, TrainingFailed, TrainingInterrupted
 
 from .convert import convert, inspect
+from .export import export
 from .train import evaluate, report, train
 
 
@@ -30,7 +31,7 @@ def cli():
     """
 
 
-for command in (convert, inspect, train, evaluate, report):
+for command in (convert, inspect, train, evaluate, report, export):
     cli.add_command(command)
 
 

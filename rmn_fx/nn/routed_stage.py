@@ -117,6 +117,11 @@ class RoutedStage(nn.Module):
 
         return [self.register_forward_pre_hook(hook)]
 
+    def spread_over_procedures(self, x) -> None:
+        """Set the rule's routing state so that sample i of `x` (this part's input) goes to
+        procedure i mod N, as far as the rule has such state: for checks and benchmarks
+        that must exercise every procedure. Rules that run every path: nothing to set."""
+
     def sample_counts(self) -> torch.Tensor | None:
         """Training samples each procedure has received so far [N] (load and dead-procedure
         reports), or None where every procedure receives every sample."""
@@ -157,25 +162,28 @@ class RoutedStage(nn.Module):
         raise NotImplementedError
 
 
-def weigh(weights: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+def weigh(weights: torch.Tensor, paths: torch.Tensor, anchored: bool = True) -> torch.Tensor:
     """out[b, t] = sum_s weights[b, s, t] * paths[b, s]: paths [B, S, ...] -> [B, T, ...],
-    for weights that sum to 1 over the S sources (S > 1) or a single weight of 1 in value.
+    for weights that sum to 1 over the S sources.
 
-    With several sources it is computed as paths[b, 0] + sum_s weights[b, s, t] *
-    (paths[b, s] - paths[b, 0]): the same value and the same gradients (a softmax's or a
-    normalisation's Jacobian ignores a shift common to every source), but exactly paths[b, 0]
-    when every path is equal, as a fresh conversion's clones are, however ill-conditioned the
-    network (the plain weighted sum's rounding moved a random EfficientNetV2's output by 1e-4).
+    `anchored` computes paths[b, 0] + sum_s weights[b, s, t] * (paths[b, s] - paths[b, 0]):
+    the same value and the same gradients (a softmax's or a normalisation's Jacobian ignores
+    a shift common to every source), but exactly paths[b, 0] when every path is equal, as a
+    fresh conversion's clones are, however ill-conditioned the network (the plain weighted
+    sum's rounding moved a random EfficientNetV2's output by 1e-4). The plain sum is for a
+    single source whose weight is 1 in value but carries a gradient (a top-1 gate's
+    g / stopgrad(g)), which the anchored form would drop. The caller decides, so that the
+    program does not branch on a shape (torch.jit.trace records no such branch).
     One batched matrix product, so the FLOP counter sees the weighting (2 * S * T * D per
     sample for D entries per path)."""
     batch, sources = paths.shape[:2]
     flat = paths.reshape(batch, sources, -1)
     weights = weights.transpose(1, 2).to(flat.dtype)
-    if sources == 1:  # a top-1 gate's g / stopgrad(g): exactly 1, and the gate's gradient
-        mixed = torch.bmm(weights, flat)
-    else:
+    if anchored:
         anchor = flat[:, :1]
         mixed = anchor + torch.bmm(weights, flat - anchor)
+    else:
+        mixed = torch.bmm(weights, flat)
     return mixed.view(batch, weights.shape[1], *paths.shape[2:])
 
 

@@ -80,27 +80,66 @@ def run_procedure(procedure: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return procedure(x)
 
 
+_run_procedure_eagerly = torch.compiler.disable(run_procedure, recursive=False)  # see `sorted_dispatch`
+
+
 def dispatch(
     x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList, every_procedure: bool = False
 ) -> torch.Tensor:
     """Run each sample of `x` through `procedures[route[i]]` only, and keep the batch order.
 
-    Samples are sorted by route, split into one contiguous sub-batch per procedure, run,
-    and scattered back. Procedures that receive no sample are not run, unless
-    `every_procedure` (then all run, in training mode, empty sub-batches included: what
-    collective layers such as SyncBatchNorm need). One host sync (the sub-batch sizes).
+    Eagerly and under torch.compile: `sorted_dispatch`. Under torch.export and
+    torch.jit.trace, which record one program for every route: `traceable_dispatch`.
+    """
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return traceable_dispatch(x, route, procedures)
+    return sorted_dispatch(x, route, procedures, every_procedure)
+
+
+@torch.compiler.disable(recursive=False)
+def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList, every_procedure: bool = False) -> torch.Tensor:
+    """Samples sorted by route, split into one contiguous sub-batch per procedure, run, and
+    scattered back. Procedures that receive no sample are not run, unless `every_procedure`
+    (then all run, in training mode, empty sub-batches included: what collective layers
+    such as SyncBatchNorm need). One host sync (the sub-batch sizes).
+
+    Under torch.compile this frame (and `run_procedure`'s) runs eagerly, a graph break,
+    while the procedures it calls are compiled: one graph per stage, shared by its N clones
+    (their forward is the same code) and dynamic in the batch axis, so that a new mix of
+    routes compiles nothing once every stage has run.
     """
     if x.shape[0] == 1 and not every_procedure:  # a single sample (deployment): no sorting, one sync
-        return run_procedure(procedures[int(route[0])], x)
+        return _run_procedure_eagerly(procedures[int(route[0])], x)
     sizes = torch.bincount(route, minlength=len(procedures)).tolist()
     busiest = max(range(len(sizes)), key=sizes.__getitem__)
     if sizes[busiest] == x.shape[0] and not every_procedure:  # one procedure takes the whole batch
-        return run_procedure(procedures[busiest], x)
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # as below
+        return _run_procedure_eagerly(procedures[busiest], x)
     order = torch.argsort(route, stable=True)
     chunks = x.index_select(0, order).split(sizes)
+    for chunk in chunks:  # torch.compile: the graph of a procedure serves every sub-batch size from 2 up (eager: no-op)
+        torch._dynamo.maybe_mark_dynamic(chunk, 0)
     if every_procedure:  # collectives inside: every rank runs every procedure, in training mode
         outputs = [proc(chunk) for proc, chunk in zip(procedures, chunks)]
     else:
-        outputs = [run_procedure(proc, chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
+        outputs = [_run_procedure_eagerly(proc, chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
     ordered = torch.cat(outputs)
     return torch.empty_like(ordered).index_copy_(0, order, ordered)
+
+
+def traceable_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) -> torch.Tensor:
+    """`dispatch` without a host sync or a branch on data: per procedure j, the indices of
+    its samples (`nonzero(route == j)`), their sub-batch, the procedure, and an `index_copy`
+    back. Every procedure runs, on an empty sub-batch if it has no sample (no FLOPs), so
+    the program is the same whatever the routes: what torch.export, ONNX and
+    torch.jit.trace record (inference: a procedure runs in its own mode). The sub-batch
+    sizes are data-dependent (unbacked) sizes; see `rmn_fx.deploy.norms` for the layers that cannot
+    take them as they are (BatchNorm, GroupNorm)."""
+    out = None
+    for j, procedure in enumerate(procedures):
+        index = torch.nonzero(route == j).squeeze(1)
+        y = procedure(x.index_select(0, index))
+        if out is None:
+            out = y.new_zeros((x.shape[0], *y.shape[1:]))
+        out = out.index_copy(0, index, y)
+    return out

@@ -82,6 +82,18 @@ class GatedStage(RoutedStage):
         with training_mode(self.key_norm, False):  # running statistics: no update
             return self.probabilities(x).argmax(dim=1)
 
+    @torch.no_grad()
+    def spread_over_procedures(self, x: torch.Tensor) -> None:
+        """The key norm's running statistics := the batch's; row j of the gate := sample
+        j mod B's normalised key, sharpened, so that sample j's largest logit is its own."""
+        keys = self.key(x).to(self.gate.weight.dtype)
+        mean, var = keys.mean(0), keys.var(0, unbiased=False)
+        self.key_norm.running_mean.copy_(mean)
+        self.key_norm.running_var.copy_(var)
+        normalised = (keys - mean) / torch.sqrt(var + self.key_norm.eps)
+        self.gate.weight.copy_(10.0 * normalised[torch.arange(self.branches, device=keys.device) % keys.shape[0]])
+        self.gate.bias.zero_()
+
     def sample_counts(self) -> torch.Tensor:
         return self.samples
 
@@ -109,7 +121,7 @@ class GatedStage(RoutedStage):
         inputs = x if self.top_k == 1 else x.repeat_interleave(self.top_k, dim=0)
         y = dispatch(inputs, chosen.reshape(-1), self.procedures, self._every_procedure)
         y = y.view(x.shape[0], self.top_k, *y.shape[1:])
-        return weigh(weights.unsqueeze(2), y).squeeze(1)
+        return weigh(weights.unsqueeze(2), y, anchored=self.top_k > 1).squeeze(1)
 
     def _record(self, g: torch.Tensor, chosen: torch.Tensor) -> None:
         first = torch.bincount(chosen[:, 0], minlength=self.branches).to(g.dtype) / g.shape[0]

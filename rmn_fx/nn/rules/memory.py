@@ -57,6 +57,12 @@ class MemoryRoutedStage(RoutedStage):
     def first_choice(self, x: torch.Tensor) -> torch.Tensor:
         return self.router.nearest(self.key(x))
 
+    @torch.no_grad()
+    def spread_over_procedures(self, x: torch.Tensor) -> None:
+        """Memory j := the key of sample j mod B."""
+        keys = self.key(x)
+        self.router.memory.copy_(keys[torch.arange(self.branches, device=keys.device) % keys.shape[0]])
+
     def sample_counts(self) -> torch.Tensor:
         return self.router.samples
 

@@ -1,0 +1,35 @@
+"""Deployment: export a converted model (torch.export's ExportedProgram, ONNX) with its
+routes in the graph, so that each sample still runs through its own procedures.
+
+    program = rmn_fx.export(gm, format="pt2")             # or "onnx"; path= writes the file
+    rows = rmn_fx.deploy.check_parity(gm, rmn_fx.deploy.FORMATS["onnx"].runner(program), example)
+
+How: under an exporter the routed stages dispatch without a host sync (`nonzero` per
+procedure, `index_select`, the procedure on its data-dependent sub-batch, `index_copy`),
+and the norms that branch on such a sub-batch's size run in a form that does not
+(`norms.ExportableNorms`: BatchNorm as its inference affine map).
+"""
+
+from __future__ import annotations
+
+from .formats import FORMATS, Format, format_of_path, get_format
+from .parity import TOLERANCE, ParityRow, check_parity
+from .program import example_input, export_program
+
+__all__ = ["FORMATS", "TOLERANCE", "Format", "ParityRow", "check_parity", "example_input", "export", "export_program", "format_of_path", "get_format"]
+
+
+def export(model, format: str = "pt2", path: str | None = None, input_size=None):
+    """Export `model` (a converted model, or any module with `input_size`) at inference.
+
+    Returns the artifact: a `torch.export.ExportedProgram` ("pt2") or a
+    `torch.onnx.ONNXProgram` ("onnx"). With `path`, also writes it there atomically."""
+    from ..files import atomic_write, check_writable
+
+    fmt = get_format(format)
+    if path is not None:
+        check_writable(path)
+    artifact = fmt.convert(export_program(model, example_input(model, input_size)))
+    if path is not None:
+        atomic_write(path, lambda tmp: fmt.save(artifact, tmp))
+    return artifact

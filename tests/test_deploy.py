@@ -1,0 +1,258 @@
+"""Deployment of converted models, for every routing rule: torch.export programs and ONNX
+models that keep the routes (parity with eager on batches whose routes differ from the
+example's), torch.jit.trace, and torch.compile in eval and training."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from backbones import backbones
+from helpers import (
+    ROUTING_IDS,
+    ROUTINGS,
+    assert_one_line_error,
+    convert,
+    routed_stages,
+    routings,
+    spread_routes,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import tiny_cnn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import rmn_fx
+from rmn_fx.cli import main
+from rmn_fx.deploy import FORMATS, check_parity, example_input
+from rmn_fx.deploy.norms import ExportableNorms
+from rmn_fx.errors import ExportError
+from rmn_fx.measure import relative_error
+
+EXPORT_SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SIZE = (3, 32, 32)
+TINY = "tiny_models:tiny_cnn"
+
+
+def hard_routed(gm) -> list:
+    """The stages that send each sample to some of their procedures (not the dense rules)."""
+    return [s for s in routed_stages(gm) if not s.multipath]
+
+
+def tiny_converted(rule: str, options: dict, branches: int = 4):
+    """tiny_cnn (BatchNorm everywhere) converted with `rule`, its routes spread over every
+    procedure, BatchNorm statistics and rule weights away from their initial values."""
+    torch.manual_seed(0)
+    base = tiny_cnn()
+    with torch.no_grad():
+        for m in base.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=SIZE, **options).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for stage in routed_stages(gm):
+            for name, p in stage.named_parameters():
+                if not name.startswith("procedures."):
+                    p.copy_(torch.randn(p.shape, generator=generator))
+    spread_routes(gm, torch.randn(2 * branches, *SIZE, generator=generator))
+    return gm
+
+
+@routings
+@EXPORT_SETTINGS
+@given(spec=backbones(max_stages=3), branches=st.integers(2, 5))
+def test_exported_program_keeps_the_routes_on_any_backbone(rule, options, spec, branches):
+    _, gm, x = convert(spec, branches, rule, options)
+    program = rmn_fx.export(gm, "pt2")
+    rows = check_parity(gm, FORMATS["pt2"].runner(program), x, batches=(1, 2, 7))
+    assert all(row.ok for row in rows), rows
+    nonzeros = sum(1 for n in program.graph.nodes if n.target == torch.ops.aten.nonzero.default)
+    assert nonzeros == sum(s.branches for s in hard_routed(gm))  # one sub-batch per procedure, in the graph
+
+
+@pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
+def test_onnx_model_matches_eager_with_every_procedure_used_and_some_empty(tmp_path, rule, options):
+    import onnx
+    from onnx import numpy_helper
+
+    gm = tiny_converted(rule, options)
+    path = tmp_path / "model.onnx"
+    program = rmn_fx.export(gm, "onnx", path=str(path))
+    rows = check_parity(gm, FORMATS["onnx"].runner(program), example_input(gm), batches=(1, 2, 7, 64))
+    assert all(row.ok for row in rows), rows
+    if hard_routed(gm):
+        assert rows[-1].procedures_used == [4] * len(hard_routed(gm))  # batch 64: every procedure ran
+        assert rows[0].procedures_used == [1] * len(hard_routed(gm))  # batch 1: the others were empty
+
+    model = onnx.load(str(path))
+    (graph_input,), (graph_output,) = model.graph.input, model.graph.output
+    assert (graph_input.name, graph_output.name) == ("input", "logits")
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"
+    constants = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    rule_tensors = [t for s in routed_stages(gm) for name, t in [*s.named_buffers(), *s.named_parameters()] if name.startswith(("router.memory", "attention.excite.weight", "gate.weight"))]
+    for tensor in rule_tensors:  # memories, attention and gates are in the graph (reshaped, maybe), not baked into a route
+        values = tensor.detach().numpy()
+        assert any(c.size == values.size and (np.allclose(c.ravel(), values.ravel()) or np.allclose(c.ravel(), values.T.ravel())) for c in constants)
+
+
+def test_exportable_batch_norm_is_its_affine_form_at_inference_only():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        want_eval, want_train = bn.eval()(x), copy.deepcopy(bn).train()(x)
+        with ExportableNorms():
+            assert relative_error(want_eval, bn.eval()(x)) < 1e-6
+            assert torch.equal(want_train, copy.deepcopy(bn).train()(x))  # batch statistics: left to the kernel
+
+
+@pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
+def test_jit_trace_records_the_routing_not_the_example_routes(rule, options):
+    gm = tiny_converted(rule, options)
+    generator = torch.Generator().manual_seed(5)
+    example, x = torch.randn(2, *SIZE, generator=generator), torch.randn(16, *SIZE, generator=generator)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(gm, example)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]  # no value baked in
+    with torch.no_grad():
+        assert relative_error(gm(x), traced(x)) <= 1e-5
+    if hard_routed(gm):
+        stage = hard_routed(gm)[0]
+        first = gm.stem(x)
+        assert stage.first_choice(first).unique().numel() > 2  # x takes routes the example never took
+
+
+def compile_counter():
+    return CompileCounterWithBackend("aot_eager")
+
+
+@pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
+def test_compiled_model_matches_eager_in_eval(rule, options):
+    gm = tiny_converted(rule, options)
+    compiled = torch.compile(gm, backend=compile_counter())
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for batch in (16, 16, 5):
+            x = torch.randn(batch, *SIZE, generator=generator)
+            assert relative_error(gm(x), compiled(x)) <= 1e-4
+
+
+def test_a_new_mix_of_routes_compiles_nothing():
+    """Copies of prototype j go to procedure j in every stage (memories = the prototypes'
+    keys), so batches of 16 with any mix of routes can be built. After warm-up (each
+    procedure sees sub-batches of 1, 2 and the whole batch: the size classes torch
+    specialises), 20 batches of different mixes add no compiled graph."""
+    gm = tiny_converted("memory", {"attention": True})
+    prototypes = torch.randn(4, *SIZE, generator=torch.Generator().manual_seed(7))
+    spread_routes(gm, prototypes)
+    counter = compile_counter()
+    compiled = torch.compile(gm, backend=counter)
+
+    def batch(counts) -> torch.Tensor:
+        return torch.cat([prototypes[j : j + 1].expand(c, -1, -1, -1) for j, c in enumerate(counts)])
+
+    warm_up = [[1, 1, 1, 1], [2, 2, 2, 2]] + [[16 if j == k else 0 for j in range(4)] for k in range(4)]
+    generator = torch.Generator().manual_seed(8)
+    mixes: list[tuple[int, ...]] = []
+    while len(mixes) < 20:  # 20 different mixes
+        mix = tuple(torch.bincount(torch.randint(4, (16,), generator=generator), minlength=4).tolist())
+        if mix not in mixes:
+            mixes.append(mix)
+    with torch.no_grad():
+        for counts in warm_up:
+            compiled(batch(counts))
+        compiled_after_warm_up = counter.frame_count
+        for counts in mixes:
+            x = batch(counts)
+            assert relative_error(gm(x), compiled(x)) <= 1e-4
+    assert counter.frame_count == compiled_after_warm_up
+
+
+@pytest.mark.parametrize("rule, options", [ROUTINGS[0], ROUTINGS[2], ROUTINGS[4]], ids=[ROUTING_IDS[0], ROUTING_IDS[2], ROUTING_IDS[4]])
+def test_compiled_training_step_matches_eager(rule, options):
+    """Forward, backward and an SGD step, compiled and eager from the same state (re-synced
+    each step: a near-tie between two routes may flip on a rounding difference)."""
+    gm = tiny_converted(rule, options).train()
+    eager, compiled_model = copy.deepcopy(gm), copy.deepcopy(gm)
+    compiled = torch.compile(compiled_model, backend=compile_counter())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, compiled_model)]
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        compiled_model.load_state_dict(eager.state_dict())
+        x, y = torch.randn(16, *SIZE, generator=generator), torch.randint(10, (16,), generator=generator)
+        losses = []
+        for forward, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        assert relative_error(losses[0], losses[1]) <= 1e-4
+        for p, q in zip(eager.parameters(), compiled_model.parameters()):
+            assert relative_error(p, q) <= 1e-4
+
+
+def test_export_errors_are_one_line_and_write_nothing(tmp_path):
+    gm = tiny_converted("memory", {})
+    with pytest.raises(ExportError, match="unknown export format 'tflite'"):
+        rmn_fx.export(gm, "tflite")
+    with pytest.raises(ExportError, match="input size is unknown"):
+        rmn_fx.export(tiny_cnn(), "pt2")
+
+    class DataDependent(torch.nn.Module):  # a branch on the data: torch.export cannot capture it
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ExportError, match=r"torch.export cannot capture this model.*at `.*x.sum\(\) > 0") as error:
+        rmn_fx.export(DataDependent(), "pt2", path=str(tmp_path / "m.pt2"), input_size=SIZE)
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_checks_parity_then_writes(tmp_path, capsys):
+    model, out = tmp_path / "model.pt", tmp_path / "model.onnx"
+    assert main(["convert", TINY, "--input-size", "32", "-b", "4", "--routing", "gate", "--top-k", "2", "-o", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(model), "-o", str(out), "--check", "--batches", "1,5", "--trust-factory"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(" ok ") == 2 and f"wrote {out}" in printed
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, *SIZE)
+    with torch.no_grad():
+        want = rmn_fx.load(str(model), trust_factory=True)(x)
+    assert relative_error(want, torch.from_numpy(session.run(None, {"input": x.numpy()})[0])) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("not_a_model_file", ["not an rmn-fx model file"]),
+        ("unknown_suffix", ["cannot tell the export format", ".pt2 or .onnx", "--format"]),
+        ("unknown_format", ["--format", "'tflite'"]),
+        ("missing_directory", ["does not exist"]),
+        ("base_does_not_export", ["torch.export cannot capture this model", "at `return -x if x.mean() < 0 else x`"]),
+    ],
+)
+def test_export_bad_input_gets_a_one_line_error_and_writes_nothing(case, needles, tmp_path, capsys):
+    model = tmp_path / "model.pt"
+    factory = "tiny_models:tiny_sign_flip" if case == "base_does_not_export" else TINY
+    assert main(["convert", factory, "--input-size", "32", "-b", "2", "-o", str(model)]) == 0
+    if case == "not_a_model_file":
+        torch.save(tiny_cnn().state_dict(), model)
+    output = {"unknown_suffix": tmp_path / "model.tflite", "missing_directory": tmp_path / "no" / "model.onnx"}.get(case, tmp_path / "model.onnx")
+    extra = ["--format", "tflite"] if case == "unknown_format" else []
+    capsys.readouterr()
+    code = main(["export", str(model), "-o", str(output), "--trust-factory", *extra])
+    assert_one_line_error(code, capsys.readouterr().err, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
