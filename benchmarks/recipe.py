@@ -43,7 +43,7 @@ import rmn_fx
 from rmn_fx.measure import flop_counts
 
 CONFIGS = {  # name -> run settings; "branches", "batch_rule" and "extra_epochs" are read here
-    "base": {"branches": 1},
+    "base": {"branches": 1, "attention": False},  # the plain network: N = 1 without attention
     "memory": {"attention": True},
     "memory-noca": {"attention": False},
     "memory-norevive": {"attention": True, "revive": False},
@@ -55,7 +55,7 @@ CONFIGS = {  # name -> run settings; "branches", "batch_rule" and "extra_epochs"
     "memory-n8": {"branches": 8, "attention": True},
     "memory-paper-batch": {"attention": True, "batch_rule": "paper"},
     "memory-long": {"attention": True, "extra_epochs": True},
-    "base-long": {"branches": 1, "extra_epochs": True},
+    "base-long": {"branches": 1, "attention": False, "extra_epochs": True},
 }
 RULE_COMPARISON = ["base", "memory", "cross-connections", "cross-prediction", "gate-top1", "gate-top2"]
 

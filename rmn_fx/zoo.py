@@ -44,28 +44,35 @@ def one_per_family() -> list[str]:
     return picks
 
 
+def convert_for_sweep(name: str, branches: int, sides, **rule) -> tuple[torch.nn.Module, object, tuple[int, int, int], object]:
+    """Build `name` and convert it as the sweeps do: at the model's own input size (`sides`
+    None) or the first of `sides` it accepts; a model without a downsampling gets the
+    suggested named stages. Returns (base, converted, input size, named stages or None)."""
+    base = create_model(name).eval()
+    sizes = [tuple(base.pretrained_cfg["input_size"])] if sides is None else [(3, s, s) for s in sides]
+    named = None
+    for i, size in enumerate(sizes):
+        try:
+            try:
+                return base, transform(base, branches=branches, input_size=size, **rule), size, named
+            except NoDownsamplingError:
+                named = suggest_stage_ranges(base)
+                if named is None:
+                    raise
+                return base, transform(base, branches=branches, input_size=size, stages=named, **rule), size, named
+        except InputSizeError:
+            if i == len(sizes) - 1:
+                raise
+    raise AssertionError("unreachable: no input size given")
+
+
 def check(name: str, branches: int, sides, routing: str = "memory", top_k: int | None = None, granularity: str = "stage") -> dict:
     """Convert `name` with `routing` at `granularity` and measure it; an RMNError is a
     result too (its message is kept)."""
     row = {"model": name, "routing": routing, "top_k": top_k, "granularity": granularity, "status": "ok", "stages": None, "input": None, "named_stages": None, "error": ""}
-    rule = {"routing": routing, "top_k": top_k, "granularity": granularity}
     start = time.perf_counter()
     try:
-        base = create_model(name).eval()
-        sizes = [tuple(base.pretrained_cfg["input_size"])] if sides is None else [(3, s, s) for s in sides]
-        for i, size in enumerate(sizes):
-            try:
-                try:
-                    gm = transform(base, branches=branches, input_size=size, **rule)
-                except NoDownsamplingError:
-                    row["named_stages"] = suggest_stage_ranges(base)
-                    if row["named_stages"] is None:
-                        raise
-                    gm = transform(base, branches=branches, input_size=size, stages=row["named_stages"], **rule)
-                break
-            except InputSizeError:
-                if i == len(sizes) - 1:
-                    raise
+        base, gm, size, row["named_stages"] = convert_for_sweep(name, branches, sides, routing=routing, top_k=top_k, granularity=granularity)
         x = torch.randn(branches, *size, generator=torch.Generator().manual_seed(0))
         row.update(compare(base, gm, x), stages=len(gm.meta["rmn_stages"]), input=size[-1])
         row["routed_relative_error"] = routed_error(base, gm, x, routing)

@@ -63,6 +63,7 @@ def tiny_converted(rule: str, options: dict, branches: int = 4):
     return gm
 
 
+@pytest.mark.slow
 @routings
 @EXPORT_SETTINGS
 @given(spec=backbones(max_stages=3), branches=st.integers(2, 5))

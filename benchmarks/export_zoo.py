@@ -1,0 +1,98 @@
+"""Which zoo models export, base and converted, per format?
+
+For each model: convert it as the zoo sweep does (N procedures, memory routing unless
+--routing; routes spread over the procedures), then for each format export the *base*
+model and the converted one (`rmn_fx.export`) and compare each with eager PyTorch on
+random batches (--batches). A converted model counts as exported when its program agrees
+with eager within 1e-4 on every batch. Failures keep their one-line reason. Writes CSV and
+JSON, prints the counts per format and every failure.
+
+    python benchmarks/export_zoo.py --hub torchvision -o out/export_torchvision
+    python benchmarks/export_zoo.py --hub timm --formats pt2 -o out/export_timm
+    python benchmarks/export_zoo.py --hub timm --models resnet18 convnext_atto -o out/export_some
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from results import write_rows  # benchmarks/results.py, beside this script
+from tqdm import tqdm
+
+from rmn_fx.deploy import FORMATS, check_parity, export_program, get_format
+from rmn_fx.errors import RMNError, first_line
+from rmn_fx.measure import spread_routes
+from rmn_fx.models import torchvision_names
+from rmn_fx.zoo import SIDES, TIMM_MODELS, convert_for_sweep
+
+
+def exports(model, example: torch.Tensor, fmt: str, batches) -> tuple[str, float | None, str]:
+    """(status, worst relative error, reason) of exporting `model` to `fmt`."""
+    form = get_format(fmt)
+    try:
+        artifact = form.convert(export_program(model, example))
+        rows = check_parity(model, form.runner(artifact), example, batches)
+    except Exception as exc:  # noqa: BLE001 -- every failure is a result of the sweep
+        return "fails", None, first_line(exc) if isinstance(exc, RMNError) else f"{type(exc).__name__}: {first_line(exc)}"
+    worst = max(r.relative_error for r in rows)
+    return ("ok" if all(r.ok for r in rows) else "differs"), worst, ""
+
+
+def sweep_one(name: str, args, sides) -> dict:
+    row = {"model": name}
+    start = time.perf_counter()
+    try:
+        base, gm, size, _ = convert_for_sweep(name, args.branches, sides, routing=args.routing)
+    except Exception as exc:  # noqa: BLE001
+        return {**row, "convert": f"{type(exc).__name__}: {first_line(exc)}"}
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    spread_routes(gm, torch.randn(max(args.branches, 2), *size, generator=torch.Generator().manual_seed(1)))
+    row.update(convert="ok", input=size[-1])
+    for fmt in args.formats:
+        for which, model in (("base", base), ("routed", gm)):
+            status, worst, reason = exports(model, example, fmt, args.batches)
+            row.update({f"{fmt}_{which}": status, f"{fmt}_{which}_error": worst, f"{fmt}_{which}_reason": reason})
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hub", choices=["torchvision", "timm"], required=True)
+    parser.add_argument("--models", nargs="*", help="Only these models.")
+    parser.add_argument("--branches", type=int, default=2)
+    parser.add_argument("--routing", default="memory")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("-o", "--output", default="out/export_zoo", help="Output prefix for .csv and .json.")
+    args = parser.parse_args()
+    names = args.models or (list(torchvision_names()) if args.hub == "torchvision" else TIMM_MODELS)
+    prefix = "timm:" if args.hub == "timm" else "torchvision:"
+    sides = SIDES if args.hub == "torchvision" else None
+    rows = []
+    for name in tqdm(names, desc=f"{args.hub} export", disable=None):
+        rows.append(sweep_one(prefix + name, args, sides))
+        write_rows(args.output, rows)  # after every model: a long sweep keeps what it measured
+    converted = [r for r in rows if r["convert"] == "ok"]
+    print(f"{len(converted)}/{len(rows)} converted (N = {args.branches}, {args.routing} routing)")
+    print("| format | base exports | routed exports (of those whose base does) | routed exports (all) |")
+    print("|---|---|---|---|")
+    for fmt in args.formats:
+        base_ok = [r for r in converted if r[f"{fmt}_base"] == "ok"]
+        both = [r for r in base_ok if r[f"{fmt}_routed"] == "ok"]
+        routed_ok = [r for r in converted if r[f"{fmt}_routed"] == "ok"]
+        print(f"| {fmt} | {len(base_ok)}/{len(converted)} | {len(both)}/{len(base_ok)} | {len(routed_ok)}/{len(converted)} |")
+    for r in rows:
+        if r["convert"] != "ok":
+            print(f"- {r['model']}: not converted: {r['convert']}")
+            continue
+        for fmt in args.formats:
+            for which in ("base", "routed"):
+                if r[f"{fmt}_{which}"] != "ok":
+                    print(f"- {r['model']} {which} {fmt}: {r[f'{fmt}_{which}']} {r[f'{fmt}_{which}_reason'] or r[f'{fmt}_{which}_error']}")
+
+
+if __name__ == "__main__":
+    main()
