@@ -1,13 +1,20 @@
-"""Conversion time, FLOPs and CPU latency of RMN models against their base, in one run.
+"""Conversion time, FLOPs and latency of routed models against their base at its best, in
+one run, per runtime (eager PyTorch, torch.compile, ONNX Runtime).
 
-For each model (N procedures, attention on, 224x224): time `rmn_fx.transform` on a built
-model; FLOPs per sample converted/base (FlopCounterMode); eval latency converted/base at
-batch 1 and batch 64, the median of interleaved repeated runs with the same threads,
-after warm-up.
-For batch 64 the memories are set to the keys of different samples, so that the batch is
-split over all N procedures (right after conversion every sample would take procedure 0).
+For each model (N procedures, memory routing with attention, 224x224): time
+`rmn_fx.transform`; FLOPs per sample routed/base (FlopCounterMode); then, per runtime and
+batch size, the median latency of interleaved runs (same threads, after warm-up) of
+  - the routed model, its routes spread over the procedures (memories pointed at
+    different samples, `spread_routes`; right after conversion every sample would take
+    procedure 0);
+  - the base model on the whole batch, and split into sub-batches of the routed model's
+    mean sub-batch size (batch / procedures used, averaged over the stages): on a CPU small
+    batches can be faster per sample, and the routed model runs small batches by design.
+The ratio is routed / the faster base layout, so that it shows the method's cost and not a
+quirk of the machine's batching.
 
     python benchmarks/perf.py -o out/perf
+    python benchmarks/perf.py --models resnet18 --runtimes eager onnx -o out/perf_r18
 """
 
 from __future__ import annotations
@@ -15,73 +22,102 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from results import write_rows  # benchmarks/results.py, beside this script
 from tqdm import tqdm
 
 import rmn_fx
+from rmn_fx.deploy import FORMATS
+from rmn_fx.deploy.parity import procedures_used
 from rmn_fx.measure import flop_counts, spread_routes
 from rmn_fx.models import create_model
 
+Runner = Callable[[torch.Tensor], object]
 
-def median_latencies(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
-    """Median seconds per forward of each model; runs are interleaved so that drift in the
-    machine's speed (other load, frequency) affects every model alike."""
-    times: list[list[float]] = [[] for _ in models]
+
+def median_latencies(runners: dict[str, Runner], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each runner on `x`; calls are interleaved so that drift in
+    the machine's speed (other load, frequency) affects every runner alike."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
-        for model in models:
-            model(x)
-            model(x)
+        for run in runners.values():
+            run(x)
+            run(x)
         for _ in range(repeats):
-            for model, samples in zip(models, times):
+            for name, run in runners.items():
                 start = time.perf_counter()
-                model(x)
-                samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
+                run(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
-def measure(name: str, branches: int, repeats: int, big_batch: int) -> dict:
+def split(run: Runner, size: int) -> Runner:
+    """`run` on consecutive sub-batches of `size` samples (the base model at the routed model's batching)."""
+    return lambda x: [run(chunk) for chunk in x.split(size)]
+
+
+def runtime_runners(runtime: str, base, gm, example: torch.Tensor) -> tuple[Runner, Runner]:
+    """(base, routed) callables for `runtime`."""
+    if runtime == "eager":
+        return base, gm
+    if runtime == "compile":
+        return torch.compile(base, dynamic=True), torch.compile(gm)
+    fmt = FORMATS["onnx"]
+    size = tuple(example.shape[1:])
+    return fmt.runner(rmn_fx.export(base, "onnx", input_size=size)), fmt.runner(rmn_fx.export(gm, "onnx"))
+
+
+def measure(name: str, branches: int, runtimes: list[str], batches: list[int], repeats: int) -> list[dict]:
     base = create_model(name).eval()
     start = time.perf_counter()
     gm = rmn_fx.transform(base, branches=branches)
-    seconds = time.perf_counter() - start
+    convert_s = time.perf_counter() - start
     gm.eval()
     generator = torch.Generator().manual_seed(0)
-    x1 = torch.randn(1, 3, 224, 224, generator=generator)
-    xb = torch.randn(big_batch, 3, 224, 224, generator=generator)
-    spread_routes(gm, xb)
-    row = {"model": name, "branches": branches, "threads": torch.get_num_threads(), "convert_s": round(seconds, 3)}
-    row["flops_base"] = flop_counts(base, x1)[0]
-    row["flops_rmn"] = flop_counts(gm, x1)[0]
-    for batch, x, runs in ((1, x1, repeats), (big_batch, xb, max(3, repeats // 4))):
-        base_t, rmn_t = median_latencies([base, gm], x, runs)
-        row[f"latency_base_b{batch}_ms"] = round(1000 * base_t, 2)
-        row[f"latency_rmn_b{batch}_ms"] = round(1000 * rmn_t, 2)
-        row[f"latency_ratio_b{batch}"] = round(rmn_t / base_t, 3)
-    row["flops_ratio"] = round(row["flops_rmn"] / row["flops_base"], 4)
-    return row
+    inputs = {b: torch.randn(b, 3, 224, 224, generator=generator) for b in batches}
+    spread_routes(gm, inputs[max(batches)])
+    x1 = inputs[min(batches)][:1]
+    flops_base, flops_routed = flop_counts(base, x1)[0], flop_counts(gm, x1)[0]
+    rows = []
+    for runtime in runtimes:
+        base_run, routed_run = runtime_runners(runtime, base, gm, x1)
+        for batch, x in inputs.items():
+            used = procedures_used(gm, x)
+            sub_batch = max(1, round(statistics.mean(batch / u for u in used)))
+            runners = {"base": base_run, "base_split": split(base_run, sub_batch), "routed": routed_run}
+            t = median_latencies(runners, x, repeats if batch == 1 else max(3, repeats // 4))
+            best = min(t["base"], t["base_split"])
+            rows.append(
+                {
+                    "model": name, "branches": branches, "runtime": runtime, "batch": batch, "threads": torch.get_num_threads(),
+                    "convert_s": round(convert_s, 2), "flops_ratio": round(flops_routed / flops_base, 4),
+                    "mean_sub_batch": sub_batch, "base_ms": round(1000 * t["base"], 2), "base_split_ms": round(1000 * t["base_split"], 2),
+                    "routed_ms": round(1000 * t["routed"], 2), "ratio_to_best_base": round(t["routed"] / best, 3),
+                }
+            )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "efficientnet_b0"])
     parser.add_argument("--branches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=30, help="Timed runs at batch 1 (a quarter of them at the big batch).")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--runtimes", nargs="+", default=["eager", "compile", "onnx"], choices=["eager", "compile", "onnx"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=30, help="Timed runs at batch 1 (a quarter of them at larger batches).")
     parser.add_argument("-o", "--output", default="out/perf", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
-    rows = [measure(n, args.branches, args.repeats, args.batch) for n in tqdm(args.models, desc="models", disable=None)]
+    rows = [row for n in tqdm(args.models, desc="models", disable=None) for row in measure(n, args.branches, args.runtimes, args.batches, args.repeats)]
     write_rows(args.output, rows)
-    b = args.batch
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.branches}, attention on, 224x224")
-    print(f"| model | convert (s) | multiply-adds/sample base -> RMN | FLOPs ratio | latency b1 base / RMN (ms) | ratio b1 | latency b{b} base / RMN (ms) | ratio b{b} |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.branches}, memory routing with attention, 224x224")
+    print("| model | runtime | batch | FLOPs ratio | base whole / split into sub-batches of S (ms) | routed (ms) | routed / faster base |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['convert_s']:.2f} | {r['flops_base'] / 2e9:.3f}G -> {r['flops_rmn'] / 2e9:.3f}G | {r['flops_ratio']:.4f} | "
-            f"{r['latency_base_b1_ms']:.1f} / {r['latency_rmn_b1_ms']:.1f} | {r['latency_ratio_b1']:.3f} | "
-            f"{r[f'latency_base_b{b}_ms']:.0f} / {r[f'latency_rmn_b{b}_ms']:.0f} | {r[f'latency_ratio_b{b}']:.3f} |"
+            f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['flops_ratio']:.4f} | {r['base_ms']:.1f} / {r['base_split_ms']:.1f} (S = {r['mean_sub_batch']}) | "
+            f"{r['routed_ms']:.1f} | {r['ratio_to_best_base']:.3f} |"
         )
 
 
