@@ -20,11 +20,12 @@ The rule, for any feed-forward graph (see the README's "Anatomy" section):
 
 Users may name stages instead, as module-path ranges ("blocks.0:blocks.5,blocks.6:blocks.11").
 With granularity "block", every stage (found or named) is cut further into its blocks: the
-segments between the main-path cuts inside it that no later node reads past and that split
-no module lying inside the stage, other than containers and modules that only call their
-submodules (a stage wrapper); a light piece (no weight matrix) joins the block before it, or the one
-after it at the start of a stage (a pool or a norm that opens a downsampling). Each block
-is then a part of its own, numbered in forward order.
+segments between the main-path cuts inside it that carry one tensor, that no later node
+reads past, and that split no module lying inside the stage, other than containers and
+modules whose tensors are all computed by their submodules (a stage wrapper); a light
+piece (no weight matrix) joins the block before it, or the one after it at the start of a
+stage (a pool or a norm that opens a downsampling). Each block is then a part of its own,
+numbered in forward order.
 The result is stored on `graph_module.meta["rmn_stages"]` (a list of `Stage`) and every
 node gets `meta["rmn_part"]`: "stem", "stage_<i>" or "head".
 """
@@ -44,7 +45,7 @@ from rmn_fx.nn.layout import FeatureLayout
 
 from .infra import PassBase, PassResult
 from .main_path import main_path
-from .shape_prop import tensor_shape
+from .shape_prop import carries_tensors, tensor_shape
 
 DROP_FACTOR = 1.5
 GRANULARITIES = ("stage", "block")
@@ -135,15 +136,15 @@ class GraphFacts:
 
     def _module_spans(self):
         """Per module path: the positions of its first and last node; the paths a cut may
-        pass through (containers, leaf calls); and the paths whose forward only calls
-        submodules (no node of their own: timm's ConvNeXtStage, a stage wrapper)."""
+        pass through (containers, leaf calls); and the paths whose forward computes no
+        tensor itself, only in submodules (timm's ConvNeXtStage, a stage wrapper)."""
         spans: dict[str, tuple[int, int]] = {}
         splittable: set[str] = {""}
         owners: set[str] = set()  # paths that are some node's innermost module
         leaves = {n.target for n in self.nodes if n.op == "call_module"}
         for i, node in enumerate(self.nodes):
             stack = list(node.meta.get("nn_module_stack", {}).values())
-            if stack:
+            if stack and carries_tensors(node):  # reading a shape is no computation of its own
                 owners.add(stack[-1][0])
             for path, cls in stack:
                 first, _ = spans.get(path, (i, i))
@@ -293,7 +294,7 @@ def block_cuts(facts: GraphFacts, stages: Sequence[tuple[int, int]]) -> list[tup
     """Every stage (a, b) cut into its blocks (see the module docstring)."""
     blocks = []
     for a, b in stages:
-        bounds = [k for k in range(a + 1, b) if facts.at_block_edge(k, a, b) and facts.splits_cleanly(k)] + [b]
+        bounds = [k for k in range(a + 1, b) if facts.at_block_edge(k, a, b) and facts.splits_cleanly(k) and tensor_shape(facts.cuts[k]) is not None] + [b]
         own: list[tuple[int, int]] = []
         last_heavy = False  # whether the last block of `own` holds a weight matrix
         for start, end in itertools.pairwise([a, *bounds]):
