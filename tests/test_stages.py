@@ -6,6 +6,7 @@ import re
 
 import pytest
 import timm
+import torch
 import torchvision
 
 import rmn_fx
@@ -75,3 +76,53 @@ def test_named_stages_can_cover_part_of_a_network():
     _, stages = stages_of(torchvision.models.resnet18(), stages=[("layer2", "layer3"), ("layer4", "layer4")])
     assert stages == [("layer2", "layer3"), ("layer4",)]
     assert stages_of(torchvision.models.resnet18(), stages="layer1:")[1] == [("layer1",)]  # A: means A:A
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x):
+        return x + torch.relu(self.conv(x))
+
+
+class _StageWrapper(torch.nn.Module):
+    """A stage as timm writes them: its forward only calls its submodules (shape reads aside)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.downsample = torch.nn.Conv2d(cin, cout, 3, 2, 1)
+        self.blocks = torch.nn.Sequential(_Residual(cout), _Residual(cout))
+
+    def forward(self, x):
+        batch = x.shape[0]  # read, unused: no computation of the wrapper's own
+        del batch
+        return self.blocks(self.downsample(x))
+
+
+class _Unwrapped(torch.nn.Module):
+    """The same stage computing a tensor of its own (the scale), so it cannot be cut inside."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.inner = _StageWrapper(cin, cout)
+
+    def forward(self, x):
+        return self.inner(x) * 0.5
+
+
+@pytest.mark.parametrize("stage, blocks_per_stage", [(_StageWrapper, 3), (_Unwrapped, 1)])
+def test_block_granularity_cuts_through_stage_wrappers_only(stage, blocks_per_stage):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), stage(8, 8), stage(8, 16), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    size = (3, 32, 32)
+    if blocks_per_stage == 1:
+        with pytest.raises(StageError, match="no cut inside any stage"):
+            rmn_fx.analyze(net, input_size=size, granularity="block")
+        return
+    blocks = [s.modules for s in rmn_fx.analyze(net, input_size=size, granularity="block").stages]
+    assert blocks == [(f"{i}.{name}",) for i in (1, 2) for name in ("downsample", "blocks.0", "blocks.1")]
+    gm = rmn_fx.transform(net, branches=2, input_size=size, granularity="block").eval()
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), net.eval()(x), rtol=1e-5, atol=1e-6)
