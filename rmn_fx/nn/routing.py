@@ -104,9 +104,10 @@ def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleL
     such as SyncBatchNorm need). One host sync (the sub-batch sizes).
 
     Under torch.compile this frame (and `run_procedure`'s) runs eagerly, a graph break,
-    while the procedures it calls are compiled: one graph per stage, shared by its N clones
-    (their forward is the same code) and dynamic in the batch axis, so that a new mix of
-    routes compiles nothing once every stage has run.
+    while the procedures it calls are compiled, each on its own (a deep-copied GraphModule
+    has its own code) with a dynamic batch axis: a procedure compiles once per sub-batch
+    size class torch specialises (1; 2-15; 16 and up), and after those a new mix of routes
+    compiles nothing.
     """
     if x.shape[0] == 1 and not every_procedure:  # a single sample (deployment): no sorting, one sync
         return _run_procedure_eagerly(procedures[int(route[0])], x)
@@ -133,8 +134,8 @@ def traceable_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.Modu
     back. Every procedure runs, on an empty sub-batch if it has no sample (no FLOPs), so
     the program is the same whatever the routes: what torch.export, ONNX and
     torch.jit.trace record (inference: a procedure runs in its own mode). The sub-batch
-    sizes are data-dependent (unbacked) sizes; see `rmn_fx.deploy.norms` for the layers that cannot
-    take them as they are (BatchNorm, GroupNorm)."""
+    sizes are data-dependent (unbacked) sizes; see `rmn_fx.deploy.norms` for the layers
+    that cannot take them as they are (BatchNorm, GroupNorm)."""
     out = None
     for j, procedure in enumerate(procedures):
         index = torch.nonzero(route == j).squeeze(1)
