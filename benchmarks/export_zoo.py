@@ -21,19 +21,18 @@ import torch
 from results import write_rows  # benchmarks/results.py, beside this script
 from tqdm import tqdm
 
-from rmn_fx.deploy import FORMATS, check_parity, export_program, get_format
+from rmn_fx.deploy import FORMATS, check_parity, example_input, export
 from rmn_fx.errors import RMNError, first_line
 from rmn_fx.measure import spread_routes
 from rmn_fx.models import torchvision_names
 from rmn_fx.zoo import SIDES, TIMM_MODELS, convert_for_sweep
 
 
-def exports(model, example: torch.Tensor, fmt: str, batches) -> tuple[str, float | None, str]:
-    """(status, worst relative error, reason) of exporting `model` to `fmt`."""
-    form = get_format(fmt)
+def exports(model, size: tuple[int, ...], fmt: str, batches) -> tuple[str, float | None, str]:
+    """(status, worst relative error, reason) of exporting `model`, fed C,H,W = `size`, to `fmt`."""
     try:
-        artifact = form.convert(export_program(model, example))
-        rows = check_parity(model, form.runner(artifact), example, batches)
+        artifact = export(model, fmt, input_size=size)
+        rows = check_parity(model, FORMATS[fmt].runner(artifact), example_input(model, size), batches)
     except Exception as exc:  # noqa: BLE001 -- every failure is a result of the sweep
         return "fails", None, first_line(exc) if isinstance(exc, RMNError) else f"{type(exc).__name__}: {first_line(exc)}"
     worst = max(r.relative_error for r in rows)
@@ -47,12 +46,11 @@ def sweep_one(name: str, args, sides) -> dict:
         base, gm, size, _ = convert_for_sweep(name, args.branches, sides, routing=args.routing)
     except Exception as exc:  # noqa: BLE001
         return {**row, "convert": f"{type(exc).__name__}: {first_line(exc)}"}
-    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     spread_routes(gm, torch.randn(max(args.branches, 2), *size, generator=torch.Generator().manual_seed(1)))
     row.update(convert="ok", input=size[-1])
     for fmt in args.formats:
         for which, model in (("base", base), ("routed", gm)):
-            status, worst, reason = exports(model, example, fmt, args.batches)
+            status, worst, reason = exports(model, size, fmt, args.batches)
             row.update({f"{fmt}_{which}": status, f"{fmt}_{which}_error": worst, f"{fmt}_{which}_reason": reason})
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row

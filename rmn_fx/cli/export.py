@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import click
 
-from .options import trust_factory_option
-
-
-class Batches(click.ParamType):
-    name = "B,B,..."
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            batches = tuple(int(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            batches = ()
-        if not batches or min(batches) < 1:
-            self.fail(f"'{value}' is not a comma-separated list of batch sizes >= 1 (e.g. 1,2,7,64)", param, ctx)
-        return batches
+from .options import BatchSizes, ExportFormat, trust_factory_option
 
 
 @click.command()
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write: NAME.pt2 (torch.export) or NAME.onnx.")
-@click.option("--format", "fmt", type=click.Choice(["pt2", "onnx"]), help="[default: from the output's suffix]")
+@click.option("--format", "fmt", type=ExportFormat(), help="The export format [default: from the output's suffix].")
 @click.option("--check", is_flag=True, help="Before writing, compare the exported model with eager PyTorch on random batches (--batches); write only if they agree.")
-@click.option("--batches", type=Batches(), default="1,2,7,64", show_default=True, help="Batch sizes of --check.")
+@click.option("--batches", type=BatchSizes(), default="1,2,7,64", show_default=True, help="Batch sizes of --check.")
 @trust_factory_option
 def export(model_file, output, fmt, check, batches, trust_factory):
     """Export a converted model for deployment, at inference (eval mode), batch axis dynamic.
@@ -45,26 +30,26 @@ def export(model_file, output, fmt, check, batches, trust_factory):
         TOLERANCE,
         check_parity,
         example_input,
-        export_program,
+        export,
         format_of_path,
         get_format,
+        write_artifact,
     )
     from rmn_fx.errors import ExportError
-    from rmn_fx.files import atomic_write, check_writable
+    from rmn_fx.files import check_writable
     from rmn_fx.serialization import load
 
     form = get_format(fmt or format_of_path(output))
     check_writable(output)
     model = load(model_file, trust_factory=trust_factory)
-    example = example_input(model)
-    artifact = form.convert(export_program(model, example))
+    artifact = export(model, form.name)
     if check:
-        rows = check_parity(model, form.runner(artifact), example, batches)
+        rows = check_parity(model, form.runner(artifact), example_input(model), batches)
         click.echo(f"parity with eager PyTorch ({form.name}), max |eager - exported| / max |eager|, tolerance {TOLERANCE:g}:")
         for row in rows:
             click.echo(f"  batch {row.batch:>4}: {row.relative_error:.2e}  {'ok' if row.ok else 'FAILED'}  procedures used per stage: {row.procedures_used}")
         failed = [row.batch for row in rows if not row.ok]
         if failed:
             raise ExportError(f"the exported model differs from eager PyTorch at batch sizes {failed}; nothing written (please report this bug)")
-    atomic_write(output, lambda tmp: form.save(artifact, tmp))
+    write_artifact(artifact, form.name, output)
     click.echo(f"wrote {output} ({form.description})")

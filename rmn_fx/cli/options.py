@@ -5,6 +5,7 @@
                          --attention/--no-attention and --memory-momentum (memory)
     --num-classes        convert and inspect (train takes the class count from its data)
     --trust-factory      commands that rebuild a model from a file or a run directory
+and the parameter types they use (stage numbers, batch sizes, rule and format names).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class InputSize(click.ParamType):
         return parts
 
 
+def integers(value) -> list[int]:
+    """The integers of a comma-separated list ("2,3,4"); ValueError if one is not."""
+    return [int(v) for v in str(value).split(",") if v.strip()]
+
+
 class StageIndices(click.ParamType):
     name = "I,J,..."
 
@@ -38,9 +44,24 @@ class StageIndices(click.ParamType):
         if isinstance(value, list):
             return value
         try:
-            return sorted({int(v) for v in str(value).split(",") if v.strip()})
+            return sorted(set(integers(value)))
         except ValueError:
             self.fail(f"'{value}' is not a comma-separated list of stage numbers (e.g. 2,3,4)", param, ctx)
+
+
+class BatchSizes(click.ParamType):
+    name = "B,B,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            batches = tuple(integers(value))
+        except ValueError:
+            batches = ()
+        if not batches or min(batches) < 1:
+            self.fail(f"'{value}' is not a comma-separated list of batch sizes >= 1 (e.g. 1,2,7,64)", param, ctx)
+        return batches
 
 
 def _apply(options):
@@ -77,6 +98,19 @@ class RuleName(click.ParamType):
 
         if value not in rule_names():
             self.fail(f"'{value}' is not a routing rule; choose one of: {', '.join(rule_names())}", param, ctx)
+        return value
+
+
+class ExportFormat(click.ParamType):
+    """A registered export format, checked against the registry only when used (as `RuleName`)."""
+
+    name = "FORMAT"
+
+    def convert(self, value, param, ctx):
+        from rmn_fx.deploy import FORMATS
+
+        if value not in FORMATS:
+            self.fail(f"'{value}' is not an export format; choose one of: {', '.join(FORMATS)}", param, ctx)
         return value
 
 

@@ -16,20 +16,27 @@ from .formats import FORMATS, Format, format_of_path, get_format
 from .parity import TOLERANCE, ParityRow, check_parity
 from .program import example_input, export_program
 
-__all__ = ["FORMATS", "TOLERANCE", "Format", "ParityRow", "check_parity", "example_input", "export", "export_program", "format_of_path", "get_format"]
+__all__ = ["FORMATS", "TOLERANCE", "Format", "ParityRow", "check_parity", "example_input", "export", "export_program", "format_of_path", "get_format", "write_artifact"]
 
 
 def export(model, format: str = "pt2", path: str | None = None, input_size=None):
     """Export `model` (a converted model, or any module with `input_size`) at inference.
 
     Returns the artifact: a `torch.export.ExportedProgram` ("pt2") or a
-    `torch.onnx.ONNXProgram` ("onnx"). With `path`, also writes it there atomically."""
-    from ..files import atomic_write, check_writable
+    `torch.onnx.ONNXProgram` ("onnx"). With `path`, also writes it there (`write_artifact`)."""
+    from ..files import check_writable
 
     fmt = get_format(format)
     if path is not None:
-        check_writable(path)
+        check_writable(path)  # before the export's tens of seconds
     artifact = fmt.convert(export_program(model, example_input(model, input_size)))
     if path is not None:
-        atomic_write(path, lambda tmp: fmt.save(artifact, tmp))
+        write_artifact(artifact, format, path)
     return artifact
+
+
+def write_artifact(artifact, format: str, path: str) -> None:
+    """Write an artifact of `export` to `path` atomically (nothing is left if it fails)."""
+    from ..files import atomic_write
+
+    atomic_write(path, lambda tmp: get_format(format).save(artifact, tmp))
