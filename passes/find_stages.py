@@ -214,17 +214,20 @@ class GraphFacts:
         """Cut k may split stage (a, b) into blocks: every module it passes through is a
         container, only calls its submodules, or reaches outside the stage (the stage's own
         boundaries cut it already, as named stages cut torchvision's ViT `encoder`)."""
-        p, lo, hi = self.pos[self.cuts[k]], self.pos[self.cuts[a]], self.pos[self.cuts[b]]
-        return not any(
-            first <= p < last and lo < first and last <= hi
-            for path, (first, last) in self.spans.items()
-            if path not in self.splittable and path not in self.delegating
-        )
+        lo, hi = self.pos[self.cuts[a]], self.pos[self.cuts[b]]
+        return self._splits_only(k, lambda path, first, last: path in self.delegating or not (lo < first and last <= hi))
 
     def _at_module_edge(self, k: int) -> bool:
+        return self._splits_only(k, lambda path, first, last: False)
+
+    def _splits_only(self, k: int, may_split) -> bool:
+        """Every module with nodes on both sides of cut k is a container, a leaf call, or
+        one that `may_split(path, first, last)` allows."""
         p = self.pos[self.cuts[k]]
         return not any(
-            first <= p < last for path, (first, last) in self.spans.items() if path not in self.splittable
+            first <= p < last and not may_split(path, first, last)
+            for path, (first, last) in self.spans.items()
+            if path not in self.splittable
         )
 
 

@@ -16,6 +16,7 @@ from helpers import (
     ROUTINGS,
     assert_one_line_error,
     convert,
+    randomize_rule_weights,
     routed_stages,
     routings,
     spread_routes,
@@ -53,13 +54,8 @@ def tiny_converted(rule: str, options: dict, branches: int = 4):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=SIZE, **options).eval()
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for stage in routed_stages(gm):
-            for name, p in stage.named_parameters():
-                if not name.startswith("procedures."):
-                    p.copy_(torch.randn(p.shape, generator=generator))
-    spread_routes(gm, torch.randn(2 * branches, *SIZE, generator=generator))
+    randomize_rule_weights(gm)
+    spread_routes(gm, torch.randn(2 * branches, *SIZE, generator=torch.Generator().manual_seed(3)))
     return gm
 
 

@@ -122,6 +122,10 @@ class RoutedStage(nn.Module):
         procedure i mod N, as far as the rule has such state: for checks and benchmarks
         that must exercise every procedure. Rules that run every path: nothing to set."""
 
+    def row_per_procedure(self, rows: torch.Tensor) -> torch.Tensor:
+        """Row i mod B of `rows` [B, ...] for each procedure i: [N, ...] (`spread_over_procedures`)."""
+        return rows[torch.arange(self.branches, device=rows.device) % rows.shape[0]]
+
     def sample_counts(self) -> torch.Tensor | None:
         """Training samples each procedure has received so far [N] (load and dead-procedure
         reports), or None where every procedure receives every sample."""

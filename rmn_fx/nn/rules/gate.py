@@ -91,7 +91,7 @@ class GatedStage(RoutedStage):
         self.key_norm.running_mean.copy_(mean)
         self.key_norm.running_var.copy_(var)
         normalised = (keys - mean) / torch.sqrt(var + self.key_norm.eps)
-        self.gate.weight.copy_(10.0 * normalised[torch.arange(self.branches, device=keys.device) % keys.shape[0]])
+        self.gate.weight.copy_(10.0 * self.row_per_procedure(normalised))
         self.gate.bias.zero_()
 
     def sample_counts(self) -> torch.Tensor:

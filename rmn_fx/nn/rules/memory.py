@@ -60,8 +60,7 @@ class MemoryRoutedStage(RoutedStage):
     @torch.no_grad()
     def spread_over_procedures(self, x: torch.Tensor) -> None:
         """Memory j := the key of sample j mod B."""
-        keys = self.key(x)
-        self.router.memory.copy_(keys[torch.arange(self.branches, device=keys.device) % keys.shape[0]])
+        self.router.memory.copy_(self.row_per_procedure(self.key(x)))
 
     def sample_counts(self) -> torch.Tensor:
         return self.router.samples
