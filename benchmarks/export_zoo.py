@@ -10,33 +10,52 @@ JSON, prints the counts per format and every failure.
     python benchmarks/export_zoo.py --hub torchvision -o out/export_torchvision
     python benchmarks/export_zoo.py --hub timm --formats pt2 -o out/export_timm
     python benchmarks/export_zoo.py --hub timm --models resnet18 convnext_atto -o out/export_some
+
+--jobs J exports J models at once, each in its own process with one thread (export is
+mostly single-threaded Python; the rows keep the list's order).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import multiprocessing
+import os
 import time
 
 import torch
 from results import write_rows  # benchmarks/results.py, beside this script
 from tqdm import tqdm
 
-from rmn_fx.deploy import FORMATS, check_parity, example_input, export
+from rmn_fx.deploy import FORMATS, check_parity, example_input, export_program
 from rmn_fx.errors import RMNError, first_line
 from rmn_fx.measure import spread_routes
 from rmn_fx.models import torchvision_names
 from rmn_fx.zoo import SIDES, TIMM_MODELS, convert_for_sweep
 
 
-def exports(model, size: tuple[int, ...], fmt: str, batches) -> tuple[str, float | None, str]:
-    """(status, worst relative error, reason) of exporting `model`, fed C,H,W = `size`, to `fmt`."""
+def failure(exc: Exception) -> str:
+    return first_line(exc) if isinstance(exc, RMNError) else f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def exports(model, size: tuple[int, ...], formats: list[str], batches) -> dict[str, tuple[str, float | None, str]]:
+    """Per format, (status, worst relative error, reason) of exporting `model`, fed C,H,W =
+    `size`: one torch.export (`export_program`), converted to each format, as `rmn_fx.export` does."""
+    example = example_input(model, size)
     try:
-        artifact = export(model, fmt, input_size=size)
-        rows = check_parity(model, FORMATS[fmt].runner(artifact), example_input(model, size), batches)
+        program = export_program(model, example)
     except Exception as exc:  # noqa: BLE001 -- every failure is a result of the sweep
-        return "fails", None, first_line(exc) if isinstance(exc, RMNError) else f"{type(exc).__name__}: {first_line(exc)}"
-    worst = max(r.relative_error for r in rows)
-    return ("ok" if all(r.ok for r in rows) else "differs"), worst, ""
+        return {fmt: ("fails", None, failure(exc)) for fmt in formats}
+    results = {}
+    for fmt in formats:
+        try:
+            rows = check_parity(model, FORMATS[fmt].runner(FORMATS[fmt].convert(program)), example, batches)
+        except Exception as exc:  # noqa: BLE001
+            results[fmt] = ("fails", None, failure(exc))
+            continue
+        results[fmt] = ("ok" if all(r.ok for r in rows) else "differs", max(r.relative_error for r in rows), "")
+    return results
 
 
 def sweep_one(name: str, args, sides) -> dict:
@@ -45,15 +64,26 @@ def sweep_one(name: str, args, sides) -> dict:
     try:
         base, gm, size, _ = convert_for_sweep(name, args.branches, sides, routing=args.routing)
     except Exception as exc:  # noqa: BLE001
-        return {**row, "convert": f"{type(exc).__name__}: {first_line(exc)}"}
+        return {**row, "convert": failure(exc)}
     spread_routes(gm, torch.randn(max(args.branches, 2), *size, generator=torch.Generator().manual_seed(1)))
     row.update(convert="ok", input=size[-1])
-    for fmt in args.formats:
-        for which, model in (("base", base), ("routed", gm)):
-            status, worst, reason = exports(model, size, fmt, args.batches)
+    for which, model in (("base", base), ("routed", gm)):
+        for fmt, (status, worst, reason) in exports(model, size, args.formats, args.batches).items():
             row.update({f"{fmt}_{which}": status, f"{fmt}_{which}_error": worst, f"{fmt}_{which}_reason": reason})
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def rows_done(prefix: str) -> dict[str, dict]:
+    """The rows an earlier run with this output prefix wrote, by model (for --resume)."""
+    if not os.path.exists(prefix + ".json"):
+        return {}
+    with open(prefix + ".json") as f:
+        return {r["model"]: r for r in json.load(f)}
+
+
+def one_thread() -> None:
+    torch.set_num_threads(1)
 
 
 def main() -> None:
@@ -64,15 +94,21 @@ def main() -> None:
     parser.add_argument("--routing", default="memory")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--jobs", type=int, default=1, help="Models exported at once, one process and one thread each.")
+    parser.add_argument("--resume", action="store_true", help="Keep the rows of models the output files already hold; export the rest.")
     parser.add_argument("-o", "--output", default="out/export_zoo", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
     names = args.models or (list(torchvision_names()) if args.hub == "torchvision" else TIMM_MODELS)
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
     sides = SIDES if args.hub == "torchvision" else None
-    rows = []
-    for name in tqdm(names, desc=f"{args.hub} export", disable=None):
-        rows.append(sweep_one(prefix + name, args, sides))
-        write_rows(args.output, rows)  # after every model: a long sweep keeps what it measured
+    done = rows_done(args.output) if args.resume else {}
+    rows = [done[prefix + n] for n in names if prefix + n in done]
+    todo = [prefix + n for n in names if prefix + n not in done]
+    work = functools.partial(sweep_one, args=args, sides=sides)
+    with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=one_thread, maxtasksperchild=4) as pool:
+        for row in tqdm(pool.imap(work, todo), total=len(todo), desc=f"{args.hub} export", disable=None):
+            rows.append(row)
+            write_rows(args.output, rows)  # after every model: a long sweep keeps what it measured
     converted = [r for r in rows if r["convert"] == "ok"]
     print(f"{len(converted)}/{len(rows)} converted (N = {args.branches}, {args.routing} routing)")
     print("| format | base exports | routed exports (of those whose base does) | routed exports (all) |")

@@ -53,10 +53,11 @@ def attention_params(channels: int, branches: int) -> int:
     return channels * hidden + hidden + (hidden + branches) * channels + channels
 
 
-def attention_flops(channels: int, branches: int) -> int:
-    """FLOPs per sample of Conditional Attention's two linear layers (2 per multiply-add)."""
+def attention_flops(channels: int) -> int:
+    """FLOPs per sample of Conditional Attention's two linear layers (2 per multiply-add); the
+    route's one-hot part of FC2 is a lookup, not a product."""
     hidden = max(1, channels // 16)
-    return 2 * (channels * hidden + (hidden + branches) * channels)
+    return 2 * (channels * hidden + hidden * channels)
 
 
 def rule_params(rule: str, options: dict, stage, branches: int, receives: bool, emits: bool) -> int:
@@ -77,7 +78,7 @@ def rule_flops(rule: str, options: dict, stage, branches: int, receives: bool, e
     n, cin, cout = branches, stage.in_channels, stage.out_channels
     d_in, d_out = math.prod(stage.in_shape[1:]), math.prod(stage.out_shape[1:])
     if rule == "memory":
-        return attention_flops(cout, n) if options.get("attention", True) else 0
+        return attention_flops(cout) if options.get("attention", True) else 0
     if rule == "gate":
         return 2 * cin * n + 2 * options["top_k"] * d_out
     hidden = max(cin // 16, n)

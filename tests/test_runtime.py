@@ -51,6 +51,28 @@ def test_dispatch_handles_an_empty_batch():
     assert dispatch(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), procedures).shape == (0, 3)
 
 
+def test_dispatch_keeps_a_channels_last_batch_channels_last():
+    procedures = nn.ModuleList(nn.Conv2d(3, 5, 1) for _ in range(3)).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 3, 4, 4).to(memory_format=torch.channels_last)
+    route = torch.tensor([2, 0, 2, 1, 0, 2])
+    y = dispatch(x, route, procedures)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    for i in range(6):
+        assert torch.allclose(y[i], procedures[route[i]](x[i : i + 1])[0], atol=1e-6)
+
+
+def test_conditional_attention_looks_up_the_route_as_its_one_hot_code_would_multiply():
+    ca = ConditionalAttention(channels=32, branches=4)
+    nn.init.normal_(ca.excite.weight)
+    nn.init.normal_(ca.excite.bias)
+    y, route = torch.randn(6, 32, 3, 3), torch.tensor([3, 0, 1, 3, 2, 0])
+    squeezed = torch.relu(ca.squeeze(y.mean((2, 3))))
+    one_hot = torch.nn.functional.one_hot(route, 4).float()
+    want = y * 2 * torch.sigmoid(ca.excite(torch.cat([squeezed, one_hot], 1)))[:, :, None, None]
+    assert torch.allclose(ca(y, route), want, atol=1e-6)
+    assert torch.allclose(ca.gate(y, one_hot), want, atol=1e-6)
+
+
 def test_conditional_attention_is_the_identity_at_conversion_and_learns():
     ca = ConditionalAttention(channels=32, branches=4)
     y = torch.randn(5, 32, 3, 3)

@@ -6,6 +6,10 @@ The route code is a one-hot vector of size N (the method leaves the encoding ope
 starts at zero, so s == 1 exactly and a freshly converted model computes the original
 function; the factor 2 keeps the gate's range centred on that identity (0..2). CA is
 shared by all procedures of a stage; the route enters only through the code.
+
+FC2 of a one-hot code is FC2's weight column for the route, so a hard route is looked up,
+not multiplied: FC2 costs hidden x C multiply-adds per sample, and no one-hot tensor (nor
+its host-side range check) is built.
 """
 
 from __future__ import annotations
@@ -41,12 +45,21 @@ class ConditionalAttention(nn.Module):
         return f"branches={self.branches}, layout={self.layout}"
 
     def forward(self, y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        return self.gate(y, F.one_hot(route, self.branches))
+        """Gate `y` [B, C, ...] after procedure `route[i]` [B] ran on sample i."""
+        return self._scaled(y, self._code_rows().index_select(0, route))
 
     def gate(self, y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-        """Gate `y` given a route code [B, N] (one-hot, or its mean during stem training)."""
+        """Gate `y` given a soft route code [B, N] (the uniform code of the stem phase in eval mode)."""
+        return self._scaled(y, code.to(self.excite.weight.dtype) @ self._code_rows())
+
+    def _code_rows(self) -> torch.Tensor:
+        """FC2's weight on the code, one row per route: [N, C]."""
+        return self.excite.weight[:, self.squeeze.out_features :].t()
+
+    def _scaled(self, y: torch.Tensor, code_term: torch.Tensor) -> torch.Tensor:
+        """y * 2 sigmoid(FC2(concat(h, code))), with FC2's code part given as `code_term` [B, C]."""
         layout = LAYOUTS[self.layout]
         squeezed = F.relu(self.squeeze(layout.pool(y)))
-        code = code.to(squeezed.dtype)
-        scale = 2.0 * torch.sigmoid(self.excite(torch.cat([squeezed, code], dim=1)))
+        logits = F.linear(squeezed, self.excite.weight[:, : self.squeeze.out_features], self.excite.bias)
+        scale = 2.0 * torch.sigmoid(logits + code_term.to(logits.dtype))
         return y * layout.broadcast(scale, y.dim())

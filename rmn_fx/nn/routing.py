@@ -99,9 +99,10 @@ def dispatch(
 @torch.compiler.disable(recursive=False)
 def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList, every_procedure: bool = False) -> torch.Tensor:
     """Samples sorted by route, split into one contiguous sub-batch per procedure, run, and
-    scattered back. Procedures that receive no sample are not run, unless `every_procedure`
-    (then all run, in training mode, empty sub-batches included: what collective layers
-    such as SyncBatchNorm need). One host sync (the sub-batch sizes).
+    each output written straight to its samples' rows. Procedures that receive no sample
+    are not run, unless `every_procedure` (then all run, in training mode, empty sub-batches
+    included: what collective layers such as SyncBatchNorm need). One host sync (the
+    sub-batch sizes).
 
     Under torch.compile this frame (and `run_procedure`'s) runs eagerly, a graph break,
     while the procedures it calls are compiled, each on its own (a deep-copied GraphModule
@@ -117,15 +118,30 @@ def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleL
         torch._dynamo.maybe_mark_dynamic(x, 0)  # as below
         return _run_procedure_eagerly(procedures[busiest], x)
     order = torch.argsort(route, stable=True)
-    chunks = x.index_select(0, order).split(sizes)
-    for chunk in chunks:  # torch.compile: the graph of a procedure serves every sub-batch size from 2 up (eager: no-op)
-        torch._dynamo.maybe_mark_dynamic(chunk, 0)
-    if every_procedure:  # collectives inside: every rank runs every procedure, in training mode
-        outputs = [proc(chunk) for proc, chunk in zip(procedures, chunks)]
-    else:
-        outputs = [_run_procedure_eagerly(proc, chunk) for proc, chunk, size in zip(procedures, chunks, sizes) if size]
-    ordered = torch.cat(outputs)
-    return torch.empty_like(ordered).index_copy_(0, order, ordered)
+    out = None
+    for procedure, chunk, rows in zip(procedures, x.index_select(0, order).split(sizes), order.split(sizes)):
+        torch._dynamo.maybe_mark_dynamic(chunk, 0)  # torch.compile: one graph serves every sub-batch size from 2 up (eager: no-op)
+        if every_procedure:  # collectives inside: every rank runs every procedure, in training mode
+            y = procedure(chunk)
+        elif rows.numel():
+            y = _run_procedure_eagerly(procedure, chunk)
+        else:
+            continue
+        if out is None:
+            out = empty_batch_like(y, x.shape[0])
+        out.index_copy_(0, rows, y)  # each output row written once, in the batch's order
+    return out
+
+
+def empty_batch_like(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """An uninitialised [batch, *y.shape[1:]] tensor with y's dtype, device and memory format
+    (a channels-last network stays channels-last through a routed stage)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    channels_last = y.dim() in formats and not y.is_contiguous() and y.is_contiguous(memory_format=formats[y.dim()])
+    return torch.empty(
+        (batch, *y.shape[1:]), dtype=y.dtype, device=y.device,
+        memory_format=formats[y.dim()] if channels_last else torch.contiguous_format,
+    )
 
 
 def traceable_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) -> torch.Tensor:

@@ -52,7 +52,7 @@ class MemoryRoutedStage(RoutedStage):
     def routing_flops_per_sample(self) -> int:
         if self.attention is None:
             return 0
-        return 2 * (self.attention.squeeze.weight.numel() + self.attention.excite.weight.numel())
+        return 2 * (self.attention.squeeze.weight.numel() + self.attention.squeeze.out_features * self.attention.excite.out_features)
 
     def first_choice(self, x: torch.Tensor) -> torch.Tensor:
         return self.router.nearest(self.key(x))
