@@ -11,7 +11,9 @@ batch size, the median latency of interleaved runs (same threads, after warm-up)
     mean sub-batch size (batch / procedures used, averaged over the stages): on a CPU small
     batches can be faster per sample, and the routed model runs small batches by design.
 The ratio is routed / the faster base layout, so that it shows the method's cost and not a
-quirk of the machine's batching.
+quirk of the machine's batching. A deep copy of the base, timed the same way, is the noise
+floor: `copy / base` would be 1.000 on a quiet machine, and a routed ratio within its
+distance of 1 is not a measured cost.
 
     python benchmarks/perf.py -o out/perf
     python benchmarks/perf.py --models resnet18 --runtimes eager onnx -o out/perf_r18
@@ -20,6 +22,7 @@ quirk of the machine's batching.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -58,15 +61,14 @@ def split(run: Runner, size: int) -> Runner:
     return lambda x: [run(chunk) for chunk in x.split(size)]
 
 
-def runtime_runners(runtime: str, base, gm, example: torch.Tensor) -> tuple[Runner, Runner]:
-    """(base, routed) callables for `runtime`."""
+def runner(runtime: str, model, size: tuple[int, ...]) -> Runner:
+    """`model` as `runtime` runs it (ONNX: exported, fed C,H,W = `size`). Compiled with a
+    dynamic batch axis: the base meets batch 1, its split sub-batch and the whole batch."""
     if runtime == "eager":
-        return base, gm
+        return model
     if runtime == "compile":
-        return torch.compile(base, dynamic=True), torch.compile(gm)
-    fmt = FORMATS["onnx"]
-    size = tuple(example.shape[1:])
-    return fmt.runner(rmn_fx.export(base, "onnx", input_size=size)), fmt.runner(rmn_fx.export(gm, "onnx"))
+        return torch.compile(model, dynamic=True)
+    return FORMATS["onnx"].runner(rmn_fx.export(model, "onnx", input_size=size))
 
 
 def measure(name: str, branches: int, runtimes: list[str], batches: list[int], repeats: int) -> list[dict]:
@@ -82,11 +84,12 @@ def measure(name: str, branches: int, runtimes: list[str], batches: list[int], r
     flops_base, flops_routed = flop_counts(base, x1)[0], flop_counts(gm, x1)[0]
     rows = []
     for runtime in runtimes:
-        base_run, routed_run = runtime_runners(runtime, base, gm, x1)
+        size = tuple(x1.shape[1:])
+        base_run, copy_run, routed_run = (runner(runtime, m, size) for m in (base, copy.deepcopy(base), gm))
         for batch, x in inputs.items():
             used = procedures_used(gm, x)
             sub_batch = max(1, round(statistics.mean(batch / u for u in used)))
-            runners = {"base": base_run, "base_split": split(base_run, sub_batch), "routed": routed_run}
+            runners = {"base": base_run, "base_split": split(base_run, sub_batch), "base_copy": copy_run, "routed": routed_run}
             t = median_latencies(runners, x, repeats if batch == 1 else max(3, repeats // 4))
             best = min(t["base"], t["base_split"])
             rows.append(
@@ -95,6 +98,7 @@ def measure(name: str, branches: int, runtimes: list[str], batches: list[int], r
                     "convert_s": round(convert_s, 2), "flops_ratio": round(flops_routed / flops_base, 4),
                     "mean_sub_batch": sub_batch, "base_ms": round(1000 * t["base"], 2), "base_split_ms": round(1000 * t["base_split"], 2),
                     "routed_ms": round(1000 * t["routed"], 2), "ratio_to_best_base": round(t["routed"] / best, 3),
+                    "copy_ratio": round(t["base_copy"] / t["base"], 3),
                 }
             )
     return rows
@@ -107,17 +111,20 @@ def main() -> None:
     parser.add_argument("--runtimes", nargs="+", default=["eager", "compile", "onnx"], choices=["eager", "compile", "onnx"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=30, help="Timed runs at batch 1 (a quarter of them at larger batches).")
+    parser.add_argument("--threads", type=int, help="Intra-op threads (default: torch's).")
     parser.add_argument("-o", "--output", default="out/perf", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [row for n in tqdm(args.models, desc="models", disable=None) for row in measure(n, args.branches, args.runtimes, args.batches, args.repeats)]
     write_rows(args.output, rows)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.branches}, memory routing with attention, 224x224")
-    print("| model | runtime | batch | FLOPs ratio | base whole / split into sub-batches of S (ms) | routed (ms) | routed / faster base |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | runtime | batch | FLOPs ratio | base whole / split into sub-batches of S (ms) | routed (ms) | routed / faster base | noise floor: copy / base |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['flops_ratio']:.4f} | {r['base_ms']:.1f} / {r['base_split_ms']:.1f} (S = {r['mean_sub_batch']}) | "
-            f"{r['routed_ms']:.1f} | {r['ratio_to_best_base']:.3f} |"
+            f"{r['routed_ms']:.1f} | {r['ratio_to_best_base']:.3f} | {r['copy_ratio']:.3f} |"
         )
 
 

@@ -55,7 +55,10 @@ def _name_batch_axis(model, name: str) -> None:
 def _onnx_runner(onnx_program):
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the threads eager PyTorch would use
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the cores to whatever runs next
+    session = onnxruntime.InferenceSession(onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(np.asarray(session.run(None, {name: x.detach().cpu().numpy()})[0]))
 
