@@ -87,6 +87,8 @@ def test_onnx_model_matches_eager_with_every_procedure_used_and_some_empty(tmp_p
         assert rows[0].procedures_used == [1] * len(hard_routed(gm))  # batch 1: the others were empty
 
     model = onnx.load(str(path))
+    branches = [node for node in model.graph.node if node.op_type == "If"]
+    assert len(branches) == sum(s.branches for s in hard_routed(gm))  # each procedure runs only when it has samples
     (graph_input,), (graph_output,) = model.graph.input, model.graph.output
     assert (graph_input.name, graph_output.name) == ("input", "logits")
     assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"

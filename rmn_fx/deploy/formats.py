@@ -32,8 +32,11 @@ def _pt2_runner(program: torch.export.ExportedProgram):
 
 
 def _to_onnx(program: torch.export.ExportedProgram):
+    from .onnx_branches import skip_empty_procedures
+
     onnx_program = torch.onnx.export(program, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamo=True, verbose=False)
     _name_batch_axis(onnx_program.model, BATCH_AXIS)
+    skip_empty_procedures(onnx_program.model)
     return onnx_program
 
 
