@@ -103,6 +103,36 @@ def test_onnx_model_matches_eager_with_every_procedure_used_and_some_empty(tmp_p
         assert any(c.size == values.size and (np.allclose(c.ravel(), values.ravel()) or np.allclose(c.ravel(), values.T.ravel())) for c in constants)
 
 
+class OneProcedureDispatch(torch.nn.Module):
+    """The exported dispatch's pattern for one procedure (rows, Gather, the procedure,
+    ScatterND); with `leak`, a value inside the procedure is also read outside it."""
+
+    def __init__(self, leak: bool) -> None:
+        super().__init__()
+        self.leak = leak
+
+    def forward(self, x):
+        rows = torch.nonzero(x[:, 0] > 0).squeeze(1)
+        hidden = x.index_select(0, rows) * 2.0
+        out = torch.zeros_like(x).index_copy(0, rows, torch.tanh(hidden) + 1.0)
+        return out + hidden.sum() if self.leak else out
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_onnx_if_wraps_a_procedure_only_when_nothing_outside_reads_it(leak):
+    from rmn_fx.deploy.onnx_branches import skip_empty_procedures
+
+    model = OneProcedureDispatch(leak).eval()
+    example = torch.tensor([[1.0, 2.0], [-1.0, 3.0]])
+    onnx_program = torch.onnx.export(
+        model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, verbose=False
+    )
+    assert skip_empty_procedures(onnx_program.model) == (0 if leak else 1)
+    run = FORMATS["onnx"].runner(onnx_program)
+    for x in (example, -example.abs(), torch.randn(9, 2)):  # some rows, no rows, a new batch size
+        assert torch.allclose(run(x), model(x), atol=1e-6)
+
+
 def test_exportable_batch_norm_is_its_affine_form_at_inference_only():
     bn = torch.nn.BatchNorm2d(3).eval()
     with torch.no_grad():
