@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing
-import os
 import time
 
 import torch
-from results import write_rows  # benchmarks/results.py, beside this script
+from results import read_rows, write_rows  # benchmarks/results.py, beside this script
 from tqdm import tqdm
 
 from rmn_fx.deploy import FORMATS, check_parity, example_input, export_program
@@ -74,14 +72,6 @@ def sweep_one(name: str, args, sides) -> dict:
     return row
 
 
-def rows_done(prefix: str) -> dict[str, dict]:
-    """The rows an earlier run with this output prefix wrote, by model (for --resume)."""
-    if not os.path.exists(prefix + ".json"):
-        return {}
-    with open(prefix + ".json") as f:
-        return {r["model"]: r for r in json.load(f)}
-
-
 def one_thread() -> None:
     torch.set_num_threads(1)
 
@@ -101,7 +91,7 @@ def main() -> None:
     names = args.models or (list(torchvision_names()) if args.hub == "torchvision" else TIMM_MODELS)
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
     sides = SIDES if args.hub == "torchvision" else None
-    done = rows_done(args.output) if args.resume else {}
+    done = {r["model"]: r for r in read_rows(args.output)} if args.resume else {}
     rows = [done[prefix + n] for n in names if prefix + n in done]
     todo = [prefix + n for n in names if prefix + n not in done]
     work = functools.partial(sweep_one, args=args, sides=sides)

@@ -61,14 +61,15 @@ def split(run: Runner, size: int) -> Runner:
     return lambda x: [run(chunk) for chunk in x.split(size)]
 
 
-def runner(runtime: str, model, size: tuple[int, ...]) -> Runner:
-    """`model` as `runtime` runs it (ONNX: exported, fed C,H,W = `size`). Compiled with a
-    dynamic batch axis: the base meets batch 1, its split sub-batch and the whole batch."""
-    if runtime == "eager":
-        return model
-    if runtime == "compile":
-        return torch.compile(model, dynamic=True)
-    return FORMATS["onnx"].runner(rmn_fx.export(model, "onnx", input_size=size))
+def runners(runtime: str, model, size: tuple[int, ...], copies: int = 1) -> list[Runner]:
+    """`copies` callables of `model` as `runtime` runs it, each with weights of its own (deep
+    copies; ONNX: sessions of one export, fed C,H,W = `size`). Compiled with a dynamic batch
+    axis: the base meets batch 1, its split sub-batch and the whole batch."""
+    if runtime == "onnx":
+        artifact = rmn_fx.export(model, "onnx", input_size=size)
+        return [FORMATS["onnx"].runner(artifact) for _ in range(copies)]
+    models = [model, *(copy.deepcopy(model) for _ in range(copies - 1))]
+    return [torch.compile(m, dynamic=True) for m in models] if runtime == "compile" else models
 
 
 def measure(name: str, branches: int, runtimes: list[str], batches: list[int], repeats: int) -> list[dict]:
@@ -83,14 +84,14 @@ def measure(name: str, branches: int, runtimes: list[str], batches: list[int], r
     x1 = inputs[min(batches)][:1]
     flops_base, flops_routed = flop_counts(base, x1)[0], flop_counts(gm, x1)[0]
     rows = []
+    size = tuple(x1.shape[1:])
     for runtime in runtimes:
-        size = tuple(x1.shape[1:])
-        base_run, copy_run, routed_run = (runner(runtime, m, size) for m in (base, copy.deepcopy(base), gm))
+        (base_run, copy_run), (routed_run,) = runners(runtime, base, size, copies=2), runners(runtime, gm, size)
         for batch, x in inputs.items():
             used = procedures_used(gm, x)
             sub_batch = max(1, round(statistics.mean(batch / u for u in used)))
-            runners = {"base": base_run, "base_split": split(base_run, sub_batch), "base_copy": copy_run, "routed": routed_run}
-            t = median_latencies(runners, x, repeats if batch == 1 else max(3, repeats // 4))
+            timed = {"base": base_run, "base_split": split(base_run, sub_batch), "base_copy": copy_run, "routed": routed_run}
+            t = median_latencies(timed, x, repeats if batch == 1 else max(3, repeats // 4))
             best = min(t["base"], t["base_split"])
             rows.append(
                 {

@@ -1,4 +1,4 @@
-"""Where every benchmark writes its rows: PREFIX.json and PREFIX.csv."""
+"""Where every benchmark writes its rows: PREFIX.json and PREFIX.csv (and reads them back)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,11 @@ def write_rows(prefix: str, rows: list[dict], header: dict | None = None) -> Non
         writer = csv.DictWriter(f, fieldnames=list({k: None for r in rows for k in r}))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_rows(prefix: str) -> list[dict]:
+    """The rows `write_rows` wrote to PREFIX.json without a header; none if there is no such file."""
+    if not os.path.exists(prefix + ".json"):
+        return []
+    with open(prefix + ".json") as f:
+        return json.load(f)
