@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 
@@ -26,22 +27,20 @@ def check_writable(path: str) -> None:
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, then rename it onto `path`; never leaves a partial file."""
+    """Call `write(staged)`, where `staged` has `path`'s name inside a fresh hidden folder
+    beside it; then move what `write` made there into place, `path` itself last. Writers
+    that add companion files (ONNX's external weights, `model.onnx.data`) land whole, a
+    reader never sees a partial file, and a failure leaves nothing behind."""
     check_writable(path)
     directory, name = os.path.split(os.path.abspath(path))
-    # hidden, and ending like `path` (writers that check the suffix, as torch.export.save does, accept it)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=f".tmp{os.path.splitext(name)[1]}")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should look like any other
+    staging = tempfile.mkdtemp(dir=directory, prefix=f".{name}.")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write(os.path.join(staging, name))
+        companions = sorted(set(os.listdir(staging)) - {name})
+        for file in [*companions, name]:
+            os.replace(os.path.join(staging, file), os.path.join(directory, file))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> None:

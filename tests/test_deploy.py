@@ -289,3 +289,26 @@ def test_export_bad_input_gets_a_one_line_error_and_writes_nothing(case, needles
     code = main(["export", str(model), "-o", str(output), "--trust-factory", *extra])
     assert_one_line_error(code, capsys.readouterr().err, *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_onnx_past_the_protobuf_limit_keeps_its_weights_beside_the_graph(tmp_path, monkeypatch):
+    import onnx
+    import onnxruntime
+
+    from rmn_fx.deploy import formats
+
+    monkeypatch.setattr(formats, "ONNX_INLINE_WEIGHT_LIMIT", 0)  # every model counts as over 2 GiB
+    gm = tiny_converted("memory", {})
+    path = tmp_path / "model.onnx"
+    program = rmn_fx.export(gm, "onnx", path=str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # nothing staged is left
+    graph = onnx.load(str(path), load_external_data=False).graph
+    external = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert max(graph.initializer, key=lambda t: np.prod(t.dims)).name in external  # the weights are in the .data file
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *SIZE)
+    with torch.no_grad():
+        want = gm(x)
+    assert relative_error(want, torch.from_numpy(session.run(None, {"input": x.numpy()})[0])) <= 1e-4
+    rows = check_parity(gm, FORMATS["onnx"].runner(program), example_input(gm), batches=(1, 7))  # the runner's own path
+    assert all(row.ok for row in rows), rows

@@ -4,6 +4,8 @@ becomes the artifact, how the artifact is written, and how it is run for a parit
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,22 +57,50 @@ def _name_batch_axis(model, name: str) -> None:
                 value.shape[i] = ir.SymbolicDim(name)
 
 
+# protobuf serializes at most 2 GiB, so heavier weights go to an external file (64 MiB left for the graph)
+ONNX_INLINE_WEIGHT_LIMIT = 2**31 - 2**26
+
+
+def _onnx_weight_bytes(model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _save_onnx(onnx_program, path: str) -> None:
+    """Write one .onnx file, or, past protobuf's 2 GiB, the graph there and the weights
+    beside it in `<name>.data` (ONNX's external data; ONNX Runtime finds it by that name)."""
+    import onnx_ir as ir
+
+    external = _onnx_weight_bytes(onnx_program.model) > ONNX_INLINE_WEIGHT_LIMIT
+    ir.save(onnx_program.model, path, external_data=f"{os.path.basename(path)}.data" if external else None)
+
+
 def _onnx_runner(onnx_program):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the threads eager PyTorch would use
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the cores to whatever runs next
-    session = onnxruntime.InferenceSession(onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    folder = None
+    if _onnx_weight_bytes(onnx_program.model) > ONNX_INLINE_WEIGHT_LIMIT:  # too big for one protobuf: the session reads the files
+        folder = tempfile.TemporaryDirectory(prefix="rmn-fx-onnx-")
+        source = os.path.join(folder.name, "model.onnx")
+        _save_onnx(onnx_program, source)
+    else:
+        source = onnx_program.model_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(np.asarray(session.run(None, {name: x.detach().cpu().numpy()})[0]))
+
+    def run(x: torch.Tensor, _files=folder) -> torch.Tensor:  # the files live as long as the runner (the session may map them)
+        return torch.from_numpy(np.asarray(session.run(None, {name: x.detach().cpu().numpy()})[0]))
+
+    return run
 
 
 FORMATS = {
     f.name: f
     for f in (
         Format("pt2", ".pt2", "a torch.export ExportedProgram (torch.export.load; AOTInductor, ExecuTorch)", lambda p: p, lambda p, path: torch.export.save(p, path), _pt2_runner),
-        Format("onnx", ".onnx", "an ONNX model (ONNX Runtime), input 'input', output 'logits', dynamic axis 'batch'", _to_onnx, lambda p, path: p.save(path), _onnx_runner, ("onnx", "onnxscript", "onnx_ir", "onnxruntime")),
+        Format("onnx", ".onnx", "an ONNX model (ONNX Runtime), input 'input', output 'logits', dynamic axis 'batch'", _to_onnx, _save_onnx, _onnx_runner, ("onnx", "onnxscript", "onnx_ir", "onnxruntime")),
     )
 }
 
