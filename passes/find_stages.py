@@ -7,7 +7,9 @@ The rule, for any feed-forward graph (see the README's "Anatomy" section):
    A segment is *heavy* when it owns a parameter of two or more dimensions (a conv kernel,
    a linear weight); norms, activations and pools are light.
 3. The head follows the last cut whose output still has spatial positions (it starts at
-   global pooling, flatten or token selection).
+   global pooling, flatten or token selection); in a dense-prediction model (segmentation)
+   it starts earlier, at the first segment after the first drop that raises the
+   resolution again (the decoder's upsampling back towards the input's size).
 4. The stem runs to the first drop, then on through modules holding only light segments
    (ResNet's BN, ReLU and max-pool) until a module with a heavy segment starts.
 5. Stages are the runs of segments between drops after the stem. A level with no heavy
@@ -129,7 +131,7 @@ class GraphFacts:
         self.cuts = main_path(graph_module.graph)
         self.spans, self.splittable, self.delegating = self._module_spans()
         self._edges = [self._at_module_edge(k) for k in range(len(self.cuts))]
-        self._clean = self._clean_cuts()
+        self._reads = self._last_reads()
         self._heavy = [False] + [
             any(_owns_weight_matrix(graph_module, n) for n in self.segment(k)) for k in range(1, len(self.cuts))
         ]
@@ -154,20 +156,20 @@ class GraphFacts:
         delegating = {p for p in spans if p not in owners or p in leaves}
         return spans, splittable, delegating
 
-    def _clean_cuts(self) -> list[bool]:
-        """Per cut: no node before it is read after it (other than the cut itself and
-        weights), so that the graph can be split there into single-input parts."""
-        reach, clean = -1, []
-        cut_positions = {self.pos[c] for c in self.cuts}
-        for i, node in enumerate(self.nodes):
-            if i in cut_positions:
-                clean.append(reach <= i)
-            if node.op != "get_attr":
-                reach = max([reach] + [self.pos[u] for u in node.users if u.op != "output"])
-        return clean
+    def _last_reads(self) -> list[int]:
+        """Per node position: the last position that reads it (the output aside; weights,
+        which any part may read, count as never read)."""
+        return [
+            -1 if node.op == "get_attr" else max([i] + [self.pos[u] for u in node.users if u.op != "output"])
+            for i, node in enumerate(self.nodes)
+        ]
 
-    def splits_cleanly(self, k: int) -> bool:
-        return self._clean[k]
+    def splits_cleanly(self, k: int, a: int) -> bool:
+        """Cut k splits the part that starts at cut a into two single-input parts: nothing
+        computed between them (cut k aside) is read after cut k. Values from before cut a
+        (the input's shape, read by a decoder that upsamples to it) are not the part's."""
+        lo, p = self.pos[self.cuts[a]], self.pos[self.cuts[k]]
+        return max(self._reads[lo + 1 : p], default=-1) <= p
 
     def resolution(self, k: int) -> int | None:
         return self.cuts[k].meta.get("rmn_resolution")
@@ -181,6 +183,12 @@ class GraphFacts:
         after = self.resolution(k)
         before = next((r for j in range(k - 1, -1, -1) if (r := self.resolution(j)) is not None), None)
         return before is not None and after is not None and after * DROP_FACTOR <= before
+
+    def grows(self, k: int) -> bool:
+        """Segment k raises the resolution (an upsampling), by the same factor as a drop."""
+        after = self.resolution(k)
+        before = next((r for j in range(k - 1, -1, -1) if (r := self.resolution(j)) is not None), None)
+        return before is not None and after is not None and after >= before * DROP_FACTOR
 
     def heavy(self, k: int) -> bool:
         """Segment k owns a parameter of two or more dimensions."""
@@ -258,6 +266,7 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
             f"name them by module paths, e.g. --stages {example}"
         )
     end = max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1)  # the head follows
+    end = next((k - 1 for k in range(first_drop + 1, end + 1) if facts.grows(k)), end)  # or a decoder does
     while end > first_drop and not facts.at_module_edge(end):
         end -= 1
     stem = first_drop
@@ -297,7 +306,7 @@ def block_cuts(facts: GraphFacts, stages: Sequence[tuple[int, int]]) -> list[tup
     """Every stage (a, b) cut into its blocks (see the module docstring)."""
     blocks = []
     for a, b in stages:
-        bounds = [k for k in range(a + 1, b) if facts.at_block_edge(k, a, b) and facts.splits_cleanly(k) and tensor_shape(facts.cuts[k]) is not None] + [b]
+        bounds = [k for k in range(a + 1, b) if facts.at_block_edge(k, a, b) and facts.splits_cleanly(k, a) and tensor_shape(facts.cuts[k]) is not None] + [b]
         own: list[tuple[int, int]] = []
         last_heavy = False  # whether the last block of `own` holds a weight matrix
         for start, end in itertools.pairwise([a, *bounds]):

@@ -22,7 +22,7 @@ from .infra import PassBase, PassResult
 SAMPLE_BATCH = 2  # > 1 so that a folded batch dimension (windows, heads) is told apart
 
 
-def sample_input(input_size: tuple[int, int, int], batch: int = SAMPLE_BATCH, seed: int = 0) -> torch.Tensor:
+def sample_input(input_size: tuple[int, ...], batch: int = SAMPLE_BATCH, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *input_size, generator=generator)
 
@@ -36,10 +36,27 @@ def carries_tensors(node: fx.Node) -> bool:
     return "tensor_meta" in node.meta
 
 
+def _plain(value):
+    """`value` with fx's immutable lists and dicts, however nested, as plain ones."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Runs the graph and stores the shapes of what every node produces."""
 
     current: fx.Node | None = None
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        """The node's arguments as the generated code passes them: plain lists and dicts, not
+        fx's immutable ones (a wrapped function may mutate them, as Swin3D's window sizes)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _plain(args), _plain(kwargs)
 
     def run_node(self, n: fx.Node):
         self.current = n
@@ -81,7 +98,7 @@ class ShapePropagation(PassBase):
             size = "x".join(map(str, self.sample.shape[1:]))
             raise InputSizeError(
                 f"{type(graph_module).__name__} rejects a {size} input at node '{recorder.current}' "
-                f"({reason}); pass an input size it accepts (--input-size C,H,W)"
+                f"({reason}); pass an input size it accepts (--input-size C,H,W, or C,T,H,W for a video)"
             ) from exc
         batch, image_hw = self.sample.shape[0], tuple(self.sample.shape[-2:])
         for node in graph_module.graph.nodes:

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
 
-from rmn_fx.passes.find_stages import GRANULARITIES, FindStages, Stage, parse_stage_ranges
+from rmn_fx.passes.find_stages import (
+    GRANULARITIES,
+    FindStages,
+    Stage,
+    parse_stage_ranges,
+)
 from rmn_fx.passes.infra import PassManager
 from rmn_fx.passes.outline import OutlineParts
 from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
@@ -25,7 +29,13 @@ from rmn_fx.passes.route import RouteStages, part_specs
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
 from .errors import ConversionError, OptionError, RMNError
-from .measure import count_params, flop_counts, free_memory, relative_error
+from .measure import (
+    count_params,
+    flop_counts,
+    free_memory,
+    output_tensors,
+    relative_error,
+)
 from .models import create_model, default_input_size
 from .nn.modes import training_mode
 from .nn.routed_stage import PartSpec, routed_stages
@@ -41,7 +51,7 @@ class Anatomy:
 
     graph_module: fx.GraphModule
     stages: list[Stage]
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]
     source: dict | None
     sample: torch.Tensor  # the input of shape propagation, on the model's device and dtype
     sample_output: object  # the base model's output on `sample`: the verification reference
@@ -90,10 +100,10 @@ def _resolve(model: nn.Module | str, num_classes: int | None):
     return copy.deepcopy(model), None
 
 
-def _check_input_size(input_size) -> tuple[int, int, int]:
+def _check_input_size(input_size) -> tuple[int, ...]:
     size = tuple(input_size)
-    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise OptionError(f"input_size must be three positive integers C,H,W, got {input_size!r}")
+    if len(size) not in (3, 4) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise OptionError(f"input_size must be positive integers C,H,W (an image) or C,T,H,W (a video), got {input_size!r}")
     return size
 
 
@@ -113,7 +123,7 @@ def analyze(
     inside a stage is a part of its own).
     """
     base, source = _resolve(model, num_classes)
-    size = _check_input_size(input_size or default_input_size(base))
+    size = _check_input_size(input_size or default_input_size(base, source and source["model"]))
     ranges = parse_stage_ranges(stages) if stages is not None else None
     if isinstance(remove_downsamplings, bool) or not isinstance(remove_downsamplings, int) or remove_downsamplings < 0:
         raise OptionError(f"remove_downsamplings must be an integer >= 0, got {remove_downsamplings!r}")
@@ -132,17 +142,17 @@ def analyze(
 
 
 def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, count: int, granularity: str) -> fx.GraphModule:
-    """Find the stages on the original network at 2^count times the side (where its maps
-    have the sizes the rewritten network's have at `size`), then rewrite; the stage plan
-    travels on `gm.meta["rmn_stage_plan"]`."""
-    channels, height, width = size
-    detect = ShapePropagation(_sample_for(base, (channels, height << count, width << count)))
+    """Find the stages on the original network at 2^count times the height and width (where
+    its maps have the sizes the rewritten network's have at `size`; a video's frames stay),
+    then rewrite; the stage plan travels on `gm.meta["rmn_stage_plan"]`."""
+    *leading, height, width = size
+    detect = ShapePropagation(_sample_for(base, (*leading, height << count, width << count)))
     gm, _ = PassManager([detect, FindStages(ranges, granularity=granularity), RemoveDownsampling(count)])(gm)
     gm.meta["rmn_stage_plan"] = [(s.entry, s.exit) for s in gm.meta.pop("rmn_stages")]
     return gm
 
 
-def _sample_for(model: nn.Module, size: tuple[int, int, int]) -> torch.Tensor:
+def _sample_for(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
     """The sample input, on the device and in the floating dtype of the model's parameters."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     sample = sample_input(size)
@@ -175,7 +185,7 @@ def transform(
     granularity: "stage" routes each stage; "block" routes each block of every stage as a
                 part of its own (then `routed` counts blocks).
     routed:     1-based indices of the stages (parts) to route (default: all).
-    input_size: C,H,W of the sample used for shape propagation (default: the model's own).
+    input_size: C,H,W (or C,T,H,W for a video) of the sample used for shape propagation (default: the model's own).
     remove_downsamplings: remove the first k downsamplings first (small images, see analyze).
     verify:     check on the sample that the result computes the original function.
     """
@@ -200,7 +210,7 @@ def transform(
     }
     if verify:
         with training_mode(gm, False), torch.no_grad():
-            _verify(_tensors(anatomy.sample_output), _tensors(gm(anatomy.sample)))
+            _verify(output_tensors(anatomy.sample_output), output_tensors(gm(anatomy.sample)))
     return gm
 
 
@@ -236,11 +246,6 @@ def check_memory_for(anatomy: Anatomy, config: RoutingConfig, specs: dict[int, P
             f"{config.branches} branches would add {added:,} parameters and memory entries ({needed / 2**30:.1f} GiB), more than the "
             f"{free / 2**30:.1f} GiB of memory free on {anatomy.sample.device}; use fewer branches or route fewer stages"
         )
-
-
-def _tensors(output) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(output)
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 def _verify(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:

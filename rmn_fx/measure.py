@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .nn.modes import hooks, training_mode
@@ -57,11 +58,27 @@ def part_costs(gm, x: torch.Tensor) -> dict[str, tuple[int, float]]:
     return {name: (count_params(gm.get_submodule(name)), per_module.get(name, 0) / x.shape[0]) for name in parts}
 
 
-def relative_error(want: torch.Tensor, got: torch.Tensor) -> float:
-    """max |want - got| / max |want|: the error measure of every function check (in float64,
-    so integer and half-precision outputs compare too)."""
-    want, got = want.double(), got.double()
-    return ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+def output_tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order: a tensor, or any nesting of dicts, lists
+    and tuples of them (a segmentation model's {"out": ...}, a detector backbone's maps)."""
+    leaves, _ = tree_flatten(output)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def samples_together(outputs: list) -> list[torch.Tensor]:
+    """The outputs of single samples as one batch: each output tensor concatenated."""
+    return [torch.cat(column) for column in zip(*map(output_tensors, outputs), strict=True)]
+
+
+def relative_error(want, got) -> float:
+    """max |want - got| / max |want|, the error measure of every function check, computed
+    in float64 (integer and half-precision outputs compare too) for each output tensor
+    (`output_tensors`); the worst of them."""
+    errors = []
+    for w, g in zip(output_tensors(want), output_tensors(got), strict=True):
+        w, g = w.double(), g.double()
+        errors.append(((w - g).abs().max() / w.abs().max().clamp_min(1e-12)).item())
+    return max(errors)
 
 
 def spread_routes(converted: nn.Module, x: torch.Tensor) -> None:

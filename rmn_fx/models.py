@@ -1,8 +1,10 @@
 """Resolve a model name to a randomly initialised nn.Module, and load local weights.
 
-Names resolve to torchvision first, then timm; `timm:NAME` and `torchvision:NAME` force
-one of them, and `package.module:factory` calls a factory of the user's own. Nothing is
-ever downloaded: weights come from a local file (`load_weights`) or stay random.
+Names resolve to torchvision first (every list: classification, segmentation, video,
+detection, optical flow, quantization), then timm; `timm:NAME` and `torchvision:NAME`
+force one of them, and `package.module:factory` calls a factory of the user's own.
+Nothing is ever downloaded: weights, backbone weights included, come from a local file
+(`load_weights`) or stay random.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
 import warnings
 
 import torch
@@ -20,14 +23,24 @@ from .errors import ModelBuildError, ModelNotFoundError, WeightsError, first_lin
 from .files import read_torch_file
 
 TORCHVISION_INPUT_SIZE = (3, 224, 224)
+TORCHVISION_TASKS = ("classification", "segmentation", "video", "detection", "optical_flow", "quantization")
+VIDEO_FRAMES = 16  # the clip length of torchvision's video references
 HUBS = ("timm", "torchvision")
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
 
 
 @functools.cache
-def torchvision_names() -> tuple[str, ...]:
-    """torchvision's image classification models."""
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+def torchvision_tasks() -> dict[str, str]:
+    """Every model torchvision lists, with its task (the `torchvision.models` subpackage
+    that holds it; "classification" for the package itself)."""
+    modules = {task: getattr(torchvision.models, task, torchvision.models) for task in TORCHVISION_TASKS}
+    return {name: task for task, module in modules.items() for name in torchvision.models.list_models(module=module)}
+
+
+@functools.cache
+def torchvision_names(task: str = "classification") -> tuple[str, ...]:
+    """torchvision's models for `task` (one of TORCHVISION_TASKS)."""
+    return tuple(name for name, t in torchvision_tasks().items() if t == task)
 
 
 @functools.cache
@@ -58,6 +71,15 @@ def create_model(name: str, num_classes: int | None = None) -> nn.Module:
     return model
 
 
+def torchvision_name(name: str) -> str | None:
+    """The torchvision model that `name` resolves to, or None (timm, a factory, unknown)."""
+    hub, sep, rest = name.partition(":")
+    if sep and hub != "torchvision":
+        return None
+    model_name = rest if sep else name
+    return model_name if model_name in torchvision_tasks() else None
+
+
 def _builder(name: str):
     """The callable that builds `name` (found, not yet called)."""
     if is_factory(name):
@@ -68,14 +90,16 @@ def _builder(name: str):
             raise ModelNotFoundError(f"cannot import model factory '{name}' ({exc}); give MODULE:CALLABLE on the Python path") from exc
     hub, sep, rest = name.partition(":")
     model_name = rest if sep else name
-    if hub == "torchvision" or (not sep and name in torchvision_names()):
-        if model_name not in torchvision_names():
-            raise ModelNotFoundError(_unknown(model_name, torchvision_names(), "torchvision"))
-        return functools.partial(torchvision.models.get_model, model_name, weights=None)
+    if torchvision_name(name):
+        builder = torchvision.models.get_model_builder(model_name)
+        random = {p: None for p in inspect.signature(builder).parameters if p.startswith("weights")}  # weights, weights_backbone
+        return functools.partial(builder, **random)
+    if hub == "torchvision":
+        raise ModelNotFoundError(_unknown(model_name, tuple(torchvision_tasks()), "torchvision"))
     import timm
 
     if not timm.is_model(model_name):
-        pool = timm_names() if sep else tuple(dict.fromkeys(torchvision_names() + timm_names()))
+        pool = timm_names() if sep else tuple(dict.fromkeys((*torchvision_tasks(), *timm_names())))
         raise ModelNotFoundError(_unknown(model_name, pool, "timm" if sep else "torchvision or timm"))
     return functools.partial(timm.create_model, model_name, pretrained=False)
 
@@ -86,11 +110,27 @@ def _unknown(name: str, pool, where: str) -> str:
     return f"unknown model '{name}' (not in {where}); {hint}"
 
 
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """timm's pretrained config if the model has one, else torchvision's 3x224x224."""
+def default_input_size(model: nn.Module, name: str | None = None) -> tuple[int, ...]:
+    """The sample size `model` (built from `name`, if given) is made for: timm's pretrained
+    config if the model has one; for torchvision's segmentation and video models, the
+    preprocessing size of their weights (video: C,T,H,W with 16 frames, or more if the model
+    needs them); else torchvision's 3x224x224, which every weight-less torchvision classifier
+    takes (weights' sizes can differ: vit_h_14's are 518, its weight-less builder is 224)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    return tuple(size) if size else TORCHVISION_INPUT_SIZE
+    if size:
+        return tuple(size)
+    tv_name = torchvision_name(name) if name else None
+    task = torchvision_tasks()[tv_name] if tv_name else None
+    if task in ("segmentation", "video"):
+        weights = torchvision.models.get_model_weights(tv_name).DEFAULT  # metadata only, nothing is downloaded
+        keywords = getattr(weights.transforms, "keywords", {})
+        side = keywords.get("crop_size") or keywords.get("resize_size")
+        height, width = (side, side) if isinstance(side, int) else (side[0], side[-1])
+        if task == "video":
+            return (3, max(VIDEO_FRAMES, weights.meta.get("min_temporal_size", 1)), height, width)
+        return (3, height, width)
+    return TORCHVISION_INPUT_SIZE
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:

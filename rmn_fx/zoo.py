@@ -11,8 +11,8 @@ import torch
 
 from .conversion import transform
 from .errors import InputSizeError, NoDownsamplingError, RMNError, first_line
-from .measure import compare, relative_error, spread_routes
-from .models import create_model
+from .measure import compare, relative_error, samples_together, spread_routes
+from .models import create_model, default_input_size
 from .passes.find_stages import suggest_stage_ranges
 
 # One or more architectures per timm family, the smallest variant of each.
@@ -44,12 +44,14 @@ def one_per_family() -> list[str]:
     return picks
 
 
-def convert_for_sweep(name: str, branches: int, sides, **rule) -> tuple[torch.nn.Module, object, tuple[int, int, int], object]:
+def convert_for_sweep(name: str, branches: int, sides, **rule) -> tuple[torch.nn.Module, object, tuple[int, ...], object]:
     """Build `name` and convert it as the sweeps do: at the model's own input size (`sides`
-    None) or the first of `sides` it accepts; a model without a downsampling gets the
-    suggested named stages. Returns (base, converted, input size, named stages or None)."""
+    None) or at the first height and width of `sides` it accepts (a video keeps its
+    frames); a model without a downsampling gets the suggested named stages. Returns
+    (base, converted, input size, named stages or None)."""
     base = create_model(name).eval()
-    sizes = [tuple(base.pretrained_cfg["input_size"])] if sides is None else [(3, s, s) for s in sides]
+    own = default_input_size(base, name)
+    sizes = [own] if sides is None else [(*own[:-2], s, s) for s in sides]
     named = None
     for i, size in enumerate(sizes):
         try:
@@ -92,11 +94,11 @@ def routed_error(base, gm, x: torch.Tensor, routing: str) -> float:
     Other rules route by their random initial gates into sub-batches of any size, and a
     network's float output moves with the batch size (up to 1e-4 for a random
     EfficientNetV2), so their samples run alone too, each through its procedures."""
-    alone = torch.cat([base(x[i : i + 1]) for i in range(x.shape[0])])
+    alone = samples_together([base(x[i : i + 1]) for i in range(x.shape[0])])
     if routing == "memory":
         spread_routes(gm, x)
         return relative_error(alone, gm(x))
-    return relative_error(alone, torch.cat([gm(x[i : i + 1]) for i in range(x.shape[0])]))
+    return relative_error(alone, samples_together([gm(x[i : i + 1]) for i in range(x.shape[0])]))
 
 
 def max_error(r: dict) -> float:

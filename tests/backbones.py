@@ -3,9 +3,12 @@
 A backbone is `stem` (a conv, norm, activation and optional max-pool, with at least one
 downsampling), `stages` (each a Sequential of blocks; every stage after the first opens
 with a downsampling: a strided block, a pool, or a strided conv), an optional 1x1
-`head_conv` that belongs to the last stage (EfficientNet's conv_head), and a `head`
-(global pooling + linear). Blocks are plain, residual or concatenation blocks, with
-BatchNorm or GroupNorm and optional squeeze-excitation.
+`head_conv` that belongs to the last stage (EfficientNet's conv_head), and a `head`:
+global pooling + linear (a classifier), or a per-position 1x1 conv whose output is
+upsampled to the input's size (segmentation; the conv belongs to the last stage, the
+upsampling is the head). Blocks are plain, residual or concatenation blocks, with
+BatchNorm or GroupNorm and optional squeeze-excitation. Images use 2-D layers; videos
+(`frames`) 3-D ones that downsample space only, as R3D's stem does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
@@ -20,38 +24,62 @@ BLOCKS = ("plain", "residual", "concat")
 DOWNSAMPLES = ("block", "pool", "conv")
 
 
-def norm(kind: str, channels: int) -> nn.Module:
-    return nn.BatchNorm2d(channels) if kind == "bn" else nn.GroupNorm(min(2, channels), channels)
+@dataclass(frozen=True)
+class Layers:
+    """The layers of a 2-D (image) or 3-D (video) backbone; a 3-D one keeps its frames."""
+
+    dims: int
+
+    def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True) -> nn.Module:
+        conv = nn.Conv2d if self.dims == 2 else nn.Conv3d
+        return conv(cin, cout, kernel, self.spatial(stride), padding, bias=bias)
+
+    def norm(self, kind: str, channels: int) -> nn.Module:
+        if kind == "gn":
+            return nn.GroupNorm(min(2, channels), channels)
+        return nn.BatchNorm2d(channels) if self.dims == 2 else nn.BatchNorm3d(channels)
+
+    def max_pool(self, kernel: int, stride: int, padding: int = 0) -> nn.Module:
+        pool = nn.MaxPool2d if self.dims == 2 else nn.MaxPool3d
+        return pool(self.spatial(kernel), self.spatial(stride), self.spatial(padding, 0))
+
+    def global_pool(self) -> nn.Module:
+        return nn.AdaptiveAvgPool2d(1) if self.dims == 2 else nn.AdaptiveAvgPool3d(1)
+
+    def spatial(self, size: int, frames: int = 1):
+        """`size` over height and width; over frames, `frames` (a stride or kernel of 1)."""
+        return size if self.dims == 2 else (frames, size, size)
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, layers: Layers, channels: int) -> None:
         super().__init__()
-        self.fc = nn.Conv2d(channels, max(1, channels // 4), 1)
-        self.out = nn.Conv2d(max(1, channels // 4), channels, 1)
+        self.spatial = tuple(range(2, 2 + layers.dims))  # every axis after the channels
+        self.fc = layers.conv(channels, max(1, channels // 4), 1)
+        self.out = layers.conv(max(1, channels // 4), channels, 1)
 
     def forward(self, x):
-        return x * torch.sigmoid(self.out(torch.relu(self.fc(x.mean((2, 3), keepdim=True)))))
+        return x * torch.sigmoid(self.out(torch.relu(self.fc(x.mean(self.spatial, keepdim=True)))))
 
 
 class Block(nn.Module):
-    def __init__(self, kind: str, cin: int, cout: int, stride: int, norm_kind: str, se: bool) -> None:
+    def __init__(self, layers: Layers, kind: str, cin: int, cout: int, stride: int, norm_kind: str, se: bool) -> None:
         super().__init__()
         self.kind = kind
         if kind == "concat":
             half = cout // 2
-            self.left = nn.Conv2d(cin, half, 3, stride, 1, bias=False)
-            self.right = nn.Sequential(nn.Conv2d(cin, cout - half, 1, stride, bias=False), nn.ReLU())
+            self.left = layers.conv(cin, half, 3, stride, 1, bias=False)
+            self.right = nn.Sequential(layers.conv(cin, cout - half, 1, stride, bias=False), nn.ReLU())
         else:
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.norm1 = norm(norm_kind, cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False) if kind == "residual" else nn.Identity()
-        self.norm = norm(norm_kind, cout)
-        self.se = SqueezeExcite(cout) if se else nn.Identity()
+            self.conv1 = layers.conv(cin, cout, 3, stride, 1, bias=False)
+            self.norm1 = layers.norm(norm_kind, cout)
+            self.conv2 = layers.conv(cout, cout, 3, 1, 1, bias=False) if kind == "residual" else nn.Identity()
+        self.norm = layers.norm(norm_kind, cout)
+        self.se = SqueezeExcite(layers, cout) if se else nn.Identity()
         if kind == "residual":
             self.shortcut = (
                 nn.Identity() if stride == 1 and cin == cout
-                else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(norm_kind, cout))
+                else nn.Sequential(layers.conv(cin, cout, 1, stride, bias=False), layers.norm(norm_kind, cout))
             )
 
     def forward(self, x):
@@ -82,8 +110,15 @@ class BackboneSpec:
     stages: list[StageSpec]
     head_conv: bool
     input_side: int
+    frames: int | None = None  # a video backbone, fed clips of this many frames
+    dense: bool = False  # a segmentation head instead of a classifier
     classes: int = 5
     expected: list[tuple[str, ...]] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        side = (self.input_side, self.input_side)
+        return (3, *side) if self.frames is None else (3, self.frames, *side)
 
     def build(self) -> nn.Module:
         torch.manual_seed(0)
@@ -92,7 +127,8 @@ class BackboneSpec:
     @property
     def expected_blocks(self) -> list[tuple[str, ...]]:
         """The parts of granularity "block": every block of every stage; a pool that opens a
-        stage belongs to its first block, a conv downsampling is a block of its own."""
+        stage belongs to its first block, a conv downsampling is a block of its own, and so
+        are the last stage's 1x1 convs (head_conv, a segmentation head's classifier)."""
         blocks = []
         for i, stage in enumerate(self.stages):
             names = [f"stages.{i}.{j}" for j in range(len(stage.blocks) + (stage.downsample in ("pool", "conv")))]
@@ -101,42 +137,51 @@ class BackboneSpec:
             if len(names) == 1:  # the block is the whole stage: its outermost module
                 names = [f"stages.{i}"]
             blocks.extend(name if isinstance(name, tuple) else (name,) for name in names)
-        return blocks + [("head_conv",)] if self.head_conv else blocks
+        return blocks + [("head_conv",)] * self.head_conv + [("head",)] * self.dense
 
 
 class Backbone(nn.Module):
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
-        stem = [nn.Conv2d(3, spec.stem_width, 3, spec.stem_stride, 1), norm(spec.norm, spec.stem_width), nn.ReLU()]
+        layers = Layers(2 if spec.frames is None else 3)
+        stem = [layers.conv(3, spec.stem_width, 3, spec.stem_stride, 1), layers.norm(spec.norm, spec.stem_width), nn.ReLU()]
         if spec.stem_pool:
-            stem.append(nn.MaxPool2d(3, 2, 1))
+            stem.append(layers.max_pool(3, 2, 1))
         self.stem = nn.Sequential(*stem)
         stages, cin = [], spec.stem_width
         for s in spec.stages:
-            layers = []
+            stage = []
             if s.downsample == "pool":
-                layers.append(nn.MaxPool2d(2))
+                stage.append(layers.max_pool(2, 2))
             elif s.downsample == "conv":
-                layers.append(nn.Sequential(nn.Conv2d(cin, cin, 3, 2, 1), norm(spec.norm, cin)))
+                stage.append(nn.Sequential(layers.conv(cin, cin, 3, 2, 1), layers.norm(spec.norm, cin)))
             for i, kind in enumerate(s.blocks):
                 stride = 2 if i == 0 and s.downsample == "block" else 1
-                layers.append(Block(kind, cin, s.width, stride, spec.norm, s.se[i]))
+                stage.append(Block(layers, kind, cin, s.width, stride, spec.norm, s.se[i]))
                 cin = s.width
-            stages.append(nn.Sequential(*layers))
+            stages.append(nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
-        self.head_conv = nn.Sequential(nn.Conv2d(cin, 2 * cin, 1), nn.ReLU()) if spec.head_conv else None
+        self.head_conv = nn.Sequential(layers.conv(cin, 2 * cin, 1), nn.ReLU()) if spec.head_conv else None
         features = 2 * cin if spec.head_conv else cin
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features, spec.classes))
+        self.dense = spec.dense
+        if spec.dense:  # per-position classes, upsampled to the input in forward (torchvision's FCN)
+            self.head = layers.conv(features, spec.classes, 1)
+        else:
+            self.head = nn.Sequential(layers.global_pool(), nn.Flatten(), nn.Linear(features, spec.classes))
 
     def forward(self, x):
-        x = self.stages(self.stem(x))
+        y = self.stages(self.stem(x))
         if self.head_conv is not None:
-            x = self.head_conv(x)
-        return self.head(x)
+            y = self.head_conv(y)
+        if self.dense:
+            return F.interpolate(self.head(y), size=x.shape[2:], mode="nearest")
+        return self.head(y)
 
 
 @st.composite
 def backbones(draw, max_stages: int = 4) -> BackboneSpec:
+    """A random backbone: an image classifier most often, sometimes a video one (3-D
+    layers), a segmentation one, or both."""
     count = draw(st.integers(2, max_stages))
     stem_stride = draw(st.sampled_from([1, 2]))
     stem_pool = stem_stride == 1 or draw(st.booleans())
@@ -161,8 +206,9 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
         stages=stages,
         head_conv=draw(st.booleans()),
         input_side=2**drops * draw(st.sampled_from([2, 3, 4])),
+        frames=draw(st.sampled_from([None, None, None, 1, 3])),
+        dense=draw(st.sampled_from([False, False, True])),
     )
     spec.expected = [(f"stages.{i}",) for i in range(count)]
-    if spec.head_conv:
-        spec.expected[-1] += ("head_conv",)
+    spec.expected[-1] += ("head_conv",) * spec.head_conv + ("head",) * spec.dense
     return spec

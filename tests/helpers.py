@@ -110,7 +110,7 @@ def convert(spec, branches, rule="memory", options=None, routed=None):
     if rule == "gate":
         branches = max(branches, options["top_k"])
     base = spec.build().eval()
-    size = (3, spec.input_side, spec.input_side)
+    size = spec.input_size
     gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=size, routed=routed, **options).eval()
     x = torch.randn(max(branches, 3), *size, generator=torch.Generator().manual_seed(1))
     if rule == "memory":

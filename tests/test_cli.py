@@ -45,6 +45,18 @@ def test_inspect_json_output(capsys):
     assert sum(row["flops_share"] for row in report["parts"]) == pytest.approx(1.0)
 
 
+def test_video_and_segmentation_models_by_name(capsys):
+    """Other torchvision lists resolve by name (random weights, the backbone's too), and a
+    video's input size is C,T,H,W."""
+    assert main(["inspect", "r3d_18", "--input-size", "3,4,32,32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_size"] == [3, 4, 32, 32]
+    assert [row["in_shape"] for row in report["parts"][1:5]] == [[64, 4, 16, 16], [64, 4, 16, 16], [128, 2, 8, 8], [256, 1, 4, 4]]  # the stem keeps the frames
+    assert {row["layout"] for row in report["parts"][1:5]} == {"NCTHW"}
+    assert main(["inspect", "lraspp_mobilenet_v3_large", "--input-size", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parts"][-1]["part"] == "head"
+
+
 @pytest.mark.parametrize(
     "rule, options",
     [("gate", ["--top-k", "2"]), ("cross-connections", []), ("cross-prediction", []), ("cross-prediction", ["--granularity", "block"])],
@@ -104,6 +116,8 @@ def cli_error(args, tmp_path, capsys, *needles):
         (["convert", TINY, "--input-size", "4,32,32"], ["rejects a 4x32x32 input", "--input-size"]),
         (["convert", "tiny_models:fixed_size", "--input-size", "48"], ["rejects a 3x48x48 input"]),
         (["convert", TINY, "--input-size", "3,x,2"], ["--input-size"]),
+        (["convert", TINY, "--input-size", "3,2,2,32,32"], ["--input-size", "C,T,H,W"]),
+        (["convert", TINY, "--input-size", "3,4,32,32"], ["rejects a 3x4x32x32 input", "C,T,H,W for a video"]),
         (["inspect", "tiny_models:no_downsampling", "--input-size", "32"], ["no downsampling"]),
         (["convert", TINY, "--routing", "moe"], ["'moe' is not a routing rule", "gate", "rmn-fx convert --help"]),
         (["convert", TINY, "--input-size", "32", "--top-k", "2"], ["--top-k", "'gate' only", "not 'memory'"]),

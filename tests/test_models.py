@@ -22,6 +22,32 @@ def test_names_resolve_to_torchvision_first_then_timm():
     assert create_model("resnet18", num_classes=7).fc.out_features == 7
 
 
+def test_every_torchvision_list_resolves_by_name_with_random_weights():
+    """Segmentation, video, detection, optical flow and quantization names too; every
+    `weights*` argument (the backbone's included, which would download) is None."""
+    import inspect
+
+    from rmn_fx.models import TORCHVISION_TASKS, _builder, torchvision_tasks
+
+    assert set(torchvision_tasks()) == set(torchvision.models.list_models())
+    assert set(torchvision_tasks().values()) == set(TORCHVISION_TASKS)
+    for name in torchvision_tasks():
+        builder = _builder(name)
+        weights = [p for p in inspect.signature(builder.func).parameters if p.startswith("weights")]
+        assert weights and all(builder.keywords[p] is None for p in weights), name
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "r3d_18", "fasterrcnn_mobilenet_v3_large_320_fpn", "raft_small", "quantized_mobilenet_v2"])
+def test_models_of_every_task_build_without_downloading(name, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
+    assert isinstance(create_model(name), torch.nn.Module)
+    assert isinstance(create_model(f"torchvision:{name}"), torch.nn.Module)
+
+
 def test_unknown_names_suggest_close_matches():
     with pytest.raises(ModelNotFoundError, match="did you mean .*convnext_tiny"):
         create_model("convnxt_tiny")
@@ -30,6 +56,15 @@ def test_unknown_names_suggest_close_matches():
 def test_input_size_comes_from_timm_config_or_torchvision_default():
     assert default_input_size(create_model("timm:resnet18")) == tuple(timm.create_model("resnet18").pretrained_cfg["input_size"])
     assert default_input_size(create_model("resnet18")) == (3, 224, 224)
+    assert default_input_size(create_model("vit_h_14"), "vit_h_14") == (3, 224, 224)  # its weights' 518 is not its builder's
+
+
+def test_dense_and_video_models_take_their_weights_preprocessing_size():
+    """Read from the weights' metadata (nothing is downloaded); videos as C,T,H,W with 16
+    frames, the clip length of torchvision's references."""
+    assert default_input_size(create_model("fcn_resnet50"), "fcn_resnet50") == (3, 520, 520)
+    assert default_input_size(create_model("r3d_18"), "torchvision:r3d_18") == (3, 16, 112, 112)
+    assert default_input_size(create_model("s3d"), "s3d") == (3, 16, 224, 224)
 
 
 def test_weights_mismatch_names_the_tensor(tmp_path):
@@ -47,6 +82,7 @@ def test_weights_mismatch_names_the_tensor(tmp_path):
         ({"branches": True}, "branches"),
         ({"momentum": 1.0}, "momentum"),
         ({"input_size": (3, 64)}, "input_size"),
+        ({"input_size": (3, 2, 4, 64, 64)}, "C,T,H,W"),
         ({"routed": [0]}, "routed"),
         ({"num_classes": 3}, "num_classes"),
     ],

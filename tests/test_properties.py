@@ -37,7 +37,7 @@ def links(gm) -> list[tuple[bool, bool]]:
 @PROPERTY_SETTINGS
 @given(backbones())
 def test_detected_stages_are_the_true_stages(spec):
-    anatomy = rmn_fx.analyze(spec.build(), input_size=(3, spec.input_side, spec.input_side))
+    anatomy = rmn_fx.analyze(spec.build(), input_size=spec.input_size)
     assert [s.modules for s in anatomy.stages] == spec.expected
 
 
@@ -45,7 +45,7 @@ def test_detected_stages_are_the_true_stages(spec):
 @RULE_SETTINGS
 @given(spec=backbones(), branches=st.integers(2, 4))
 def test_block_granularity_routes_every_block_exactly(rule, options, spec, branches):
-    size = (3, spec.input_side, spec.input_side)
+    size = spec.input_size
     if len(spec.expected_blocks) == len(spec.expected):
         with pytest.raises(StageError, match="no cut inside any stage"):
             rmn_fx.analyze(spec.build(), input_size=size, granularity="block")
@@ -78,7 +78,7 @@ def test_conversion_preserves_function_flops_and_parameter_anatomy(rule, options
     extra_params = sum((n - 1) * s.params + rule_params(rule, options, s, n, *link) for s, link in zip(stages, chain))
     assert count_params(gm) == count_params(base) + extra_params
 
-    anatomy = rmn_fx.analyze(base, input_size=(3, spec.input_side, spec.input_side))
+    anatomy = rmn_fx.analyze(base, input_size=spec.input_size)
     _, per_part = flop_counts(anatomy.graph_module, x)
     paths = paths_per_sample(rule, options, n)
     extra_flops = sum((paths - 1) * per_part.get(s.name, 0) / x.shape[0] + rule_flops(rule, options, s, n, *link) for s, link in zip(stages, chain))
@@ -170,7 +170,7 @@ def test_training_breaks_the_clones_symmetry_and_reaches_every_routing_parameter
     nonzero gradient in each of its modules (a single parameter may sit behind a ReLU that
     is off for the whole batch, as in any MLP)."""
     base = spec.build()
-    size = (3, spec.input_side, spec.input_side)
+    size = spec.input_size
     gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=size, **options)
     x = torch.randn(16, *size, generator=torch.Generator().manual_seed(3))
     if rule == "memory":

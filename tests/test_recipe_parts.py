@@ -174,13 +174,13 @@ def test_tiny_imagenet_val_annotations_give_the_test_labels(tmp_path):
 def test_removing_downsamplings_keeps_the_stages_and_their_resolution(spec):
     """Every generated stem downsamples; removing that drop doubles every stage's map side."""
     model = spec.build()
-    size = (3, spec.input_side, spec.input_side)
+    size = spec.input_size
     plain = rmn_fx.transform(model, branches=2, input_size=size)
     small = rmn_fx.transform(model, branches=2, input_size=size, remove_downsamplings=1)
     assert small.meta["rmn_fx"]["stage_plan"] == plain.meta["rmn_fx"]["stage_plan"]
     for a, b in zip(plain.meta["rmn_stages"], small.meta["rmn_stages"]):
-        assert b.in_shape[2:] == tuple(2 * s for s in a.in_shape[2:])
-        assert b.out_shape[2:] == tuple(2 * s for s in a.out_shape[2:])
+        assert b.in_shape[-2:] == tuple(2 * s for s in a.in_shape[-2:])  # H, W (a video keeps its frames)
+        assert b.out_shape[-2:] == tuple(2 * s for s in a.out_shape[-2:])
     assert small(torch.randn(2, *size)).shape == plain(torch.randn(2, *size)).shape
 
 

@@ -41,6 +41,29 @@ def test_swin_stages_are_channels_last():
     assert {s.in_layout.name for s in anatomy.stages} == {"NHWC"}
 
 
+def test_video_stages_pool_their_keys_over_frames_and_positions():
+    """R3D: channels-first clips (NCTHW); Swin3D: channels-last (NTHWC). A key averages
+    every axis but the channels."""
+    from rmn_fx.nn.layout import LAYOUTS
+
+    r3d = rmn_fx.analyze(torchvision.models.video.r3d_18(), input_size=(3, 4, 32, 32))
+    assert [s.modules for s in r3d.stages] == [("layer1",), ("layer2",), ("layer3",), ("layer4",)]
+    assert {s.in_layout.name for s in r3d.stages} == {"NCTHW"}
+    swin = rmn_fx.analyze(torchvision.models.video.swin3d_t(), input_size=(3, 4, 64, 64))
+    assert {s.in_layout.name for s in swin.stages} == {"NTHWC"}
+    clip = torch.randn(2, 5, 3, 4, 6)  # N, C, T, H, W
+    assert torch.allclose(LAYOUTS["NCTHW"].pool(clip), clip.mean((2, 3, 4)))
+    assert torch.allclose(LAYOUTS["NTHWC"].pool(clip.permute(0, 2, 3, 4, 1)), clip.mean((2, 3, 4)))
+
+
+def test_segmentation_head_starts_at_the_upsampling_to_the_input():
+    """FCN: the dilated ResNet keeps 1/8 after layer2, so the last stage runs through the
+    FCN head's convs; the head is the upsampling back to the input's size."""
+    anatomy, stages = stages_of(torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None))
+    assert stages == [("backbone.layer1",), ("backbone.layer2", "backbone.layer3", "backbone.layer4", "classifier")]
+    assert anatomy.graph_module.meta["rmn_part_modules"]["head"] == ()
+
+
 def test_torchvision_convnext_downsample_is_not_split():
     _, stages = stages_of(torchvision.models.convnext_tiny())
     assert stages[1] == ("features.2", "features.3")

@@ -1,7 +1,8 @@
 """Real torchvision and timm models: conversion properties and stages against timm's oracle.
 
-The default run checks a few models of different designs; `pytest -m zoo` sweeps every
-torchvision classification model and the timm architectures of benchmarks/zoo.py.
+The default run checks a few models of different designs (a segmentation and a video
+model among them); `pytest -m zoo` sweeps every torchvision classification, segmentation
+and video model and the timm architectures of benchmarks/zoo.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PAPER = {  # N = 8 with attention, 224x224, ImageNet classes (rmn-method.md)
     "vgg16": 241.1e6,
     "efficientnet_b0": 33.5e6,
 }
-QUICK_TORCHVISION = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5", "squeezenet1_1", "inception_v3"]
+QUICK_TORCHVISION = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5", "squeezenet1_1", "inception_v3", "lraspp_mobilenet_v3_large", "r3d_18"]
 QUICK_TIMM = ["convnext_atto", "regnetx_002", "swin_tiny_patch4_window7_224", "vit_tiny_patch16_224"]
 
 
@@ -103,8 +104,17 @@ def test_stages_agree_with_timm_feature_info(name):
     assert_feature_info_levels_end_stages(name)
 
 
+MVIT = "MViT's blocks pass the (T, H, W) sizes beside the tokens: a boundary of two values, not yet a cut (issue 12, parts 1-2)"
+
+
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", torchvision_names())
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=MVIT)) if n.startswith("mvit") else n
+        for n in (*torchvision_names(), *torchvision_names("segmentation"), *torchvision_names("video"))
+    ],
+)
 def test_every_torchvision_model(name):
     assert_properties(check(f"torchvision:{name}", branches=2, sides=(64, 128, 224)))
 

@@ -7,16 +7,23 @@ import json
 import click
 from click.core import ParameterSource
 
-from .options import CONVERSION_PARAMS, conversion_options, model_options, num_classes_option
+from .options import (
+    CONVERSION_PARAMS,
+    conversion_options,
+    model_options,
+    num_classes_option,
+)
 
 
-def build(model: str, num_classes, weights):
-    from rmn_fx.models import create_model, load_weights
+def build(model: str, num_classes, weights, input_size):
+    """The network MODEL names (with local weights, if given) and the input size to analyse
+    it at: the one asked for, else the model's own (which may depend on its name)."""
+    from rmn_fx.models import create_model, default_input_size, load_weights
 
     net = create_model(model, num_classes)
     if weights:
         load_weights(net, weights)
-    return net
+    return net, input_size or default_input_size(net, model)
 
 
 @click.command()
@@ -36,13 +43,13 @@ def convert(model, weights, input_size, stages, granularity, remove_downsampling
     """
     from rmn_fx.conversion import transform
     from rmn_fx.files import check_writable
-    from rmn_fx.nn.rules import RoutingConfig
     from rmn_fx.measure import count_params
+    from rmn_fx.nn.rules import RoutingConfig
     from rmn_fx.serialization import save
     from rmn_fx.tracing import trace
 
     check_writable(output)
-    net = build(model, num_classes, weights)
+    net, input_size = build(model, num_classes, weights, input_size)
     gm = transform(net, branches, attention, stages, routed, input_size, memory_momentum, remove_downsamplings=remove_downsamplings or 0, routing=routing, top_k=top_k, granularity=granularity)
     gm.meta["rmn_fx"]["source"] = {"model": model, "num_classes": num_classes}
     save(gm, output)
@@ -76,7 +83,7 @@ def inspect(ctx, model, weights, input_size, stages, granularity, remove_downsam
     from rmn_fx.conversion import analyze
     from rmn_fx.nn.rules import RoutingConfig
 
-    net = build(model, num_classes, weights)
+    net, input_size = build(model, num_classes, weights, input_size)
     anatomy = analyze(net, stages, input_size, remove_downsamplings=remove_downsamplings or 0, granularity=granularity)
     rows = anatomy.parts()
     asked = [name for name in CONVERSION_PARAMS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]

@@ -14,9 +14,9 @@ import click
 
 
 class InputSize(click.ParamType):
-    """C,H,W or a single side S (3 channels, square)."""
+    """C,H,W (an image), C,T,H,W (a video) or a single side S (3 channels, square image)."""
 
-    name = "C,H,W"
+    name = "C,[T,]H,W"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
@@ -24,11 +24,11 @@ class InputSize(click.ParamType):
         try:
             parts = tuple(int(v) for v in str(value).split(","))
         except ValueError:
-            self.fail(f"'{value}' is not C,H,W (e.g. 3,224,224) or a side (e.g. 224)", param, ctx)
+            self.fail(f"'{value}' is not C,H,W (e.g. 3,224,224), C,T,H,W (e.g. 3,16,112,112) or a side (e.g. 224)", param, ctx)
         if len(parts) == 1:
             parts = (3, parts[0], parts[0])
-        if len(parts) != 3 or min(parts) <= 0:
-            self.fail(f"'{value}' is not C,H,W with three positive integers", param, ctx)
+        if len(parts) not in (3, 4) or min(parts) <= 0:
+            self.fail(f"'{value}' is not C,H,W or C,T,H,W with positive integers", param, ctx)
         return parts
 
 
@@ -79,7 +79,7 @@ def model_options(model_required: bool = True, input_help: str = "the model's ow
         [
             click.argument("model", required=model_required),
             click.option("--weights", type=click.Path(dir_okay=False), help="Local state_dict or checkpoint to load into the model before conversion."),
-            click.option("--input-size", type=InputSize(), help=f"Input C,H,W (or a side S) [default: {input_help}]."),
+            click.option("--input-size", type=InputSize(), help=f"Input C,H,W, C,T,H,W for a video, or a side S [default: {input_help}]."),
             click.option("--stages", metavar="A:B,C:D", help="Name the stages by module-path ranges instead of detecting them (e.g. blocks.0:blocks.5,blocks.6:blocks.11)."),
             click.option("--granularity", type=click.Choice(["stage", "block"]), default="stage", show_default=True, help="Route whole stages, or every block inside a stage as a part of its own (then --routed counts blocks)."),
             click.option("--remove-downsamplings", type=click.IntRange(min=0), help="Make the first K downsamplings keep the resolution (small images) [default: 0; paper: 2 on CIFAR and Tiny ImageNet]."),

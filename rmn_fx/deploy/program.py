@@ -20,7 +20,7 @@ EXAMPLE_BATCH = 2  # not 1: torch.export would specialise the batch axis to the 
 
 
 def example_input(model: nn.Module, input_size=None) -> torch.Tensor:
-    """A random example batch for `model`: `input_size` (C,H,W), else the size it was converted at."""
+    """A random example batch for `model`: `input_size` (C,H,W or C,T,H,W), else the size it was converted at."""
     if input_size is None:
         meta = getattr(model, "meta", {}).get("rmn_fx")
         if meta is None:

@@ -1,9 +1,11 @@
 """Where channels and spatial positions sit in a feature tensor.
 
-Convolutional models carry NCHW tensors, Swin-style models NHWC, transformers token
-sequences [B, L, C]. The layout of a 4-D tensor is read off its shape: the pair of
-dimensions whose aspect ratio matches the input image's is the spatial pair (NCHW wins
-a tie). Routing keys and attention squeeze over the spatial positions of that layout.
+Convolutional models carry NCHW tensors (NCTHW for video), Swin-style models NHWC
+(NTHWC), transformers token sequences [B, L, C]. A feature map has one more dimension
+than a sample (the batch); whether its channels come first or last is read off its shape:
+the layout whose last two spatial sizes match the input's aspect ratio wins (channels
+first on a tie). Routing keys and attention squeeze over every spatial position (and
+frame) of that layout.
 """
 
 from __future__ import annotations
@@ -42,17 +44,21 @@ class FeatureLayout:
 
 NCHW = FeatureLayout("NCHW", 1, (2, 3))
 NHWC = FeatureLayout("NHWC", 3, (1, 2))
+NCTHW = FeatureLayout("NCTHW", 1, (2, 3, 4))
+NTHWC = FeatureLayout("NTHWC", 4, (1, 2, 3))
 NLC = FeatureLayout("NLC", 2, (1,))
-LAYOUTS = {layout.name: layout for layout in (NCHW, NHWC, NLC)}
+LAYOUTS = {layout.name: layout for layout in (NCHW, NHWC, NCTHW, NTHWC, NLC)}
+MAP_LAYOUTS = {4: (NCHW, NHWC), 5: (NCTHW, NTHWC)}  # by rank: (channels first, channels last)
 
 
 def infer_layout(shape, batch: int, image_hw: tuple[int, int]) -> FeatureLayout | None:
-    """The layout of a tensor of `shape` inside a model fed `batch` images of size `image_hw`.
+    """The layout of a tensor of `shape` inside a model fed `batch` samples whose last two
+    sizes are `image_hw` (H, W of an image or of a video's frames).
 
     Returns None for anything that is not a per-sample feature map or token sequence
     (pooled vectors, tensors with folded batch dimensions, scalars).
     """
-    if len(shape) not in (3, 4) or shape[0] != batch:
+    if shape[0] != batch or not (len(shape) == 3 or len(shape) in MAP_LAYOUTS):
         return None
     if len(shape) == 3:
         return NLC
@@ -61,6 +67,5 @@ def infer_layout(shape, batch: int, image_hw: tuple[int, int]) -> FeatureLayout 
     def aspect_error(a: int, b: int) -> int:
         return abs(a * width - b * height)
 
-    if aspect_error(shape[2], shape[3]) <= aspect_error(shape[1], shape[2]):
-        return NCHW
-    return NHWC
+    first, last = MAP_LAYOUTS[len(shape)]
+    return first if aspect_error(shape[-2], shape[-1]) <= aspect_error(shape[-3], shape[-2]) else last
