@@ -7,9 +7,9 @@ The rule, for any feed-forward graph (see the README's "Anatomy" section):
    A segment is *heavy* when it owns a parameter of two or more dimensions (a conv kernel,
    a linear weight); norms, activations and pools are light.
 3. The head follows the last cut whose output still has spatial positions (it starts at
-   global pooling, flatten or token selection); in a dense-prediction model (segmentation)
-   it starts earlier, at the first segment after the first drop that raises the
-   resolution again (the decoder's upsampling back towards the input's size).
+   global pooling, flatten or token selection); in a dense-prediction model (its output
+   has positions: segmentation) it starts at the first segment after the first drop that
+   raises the resolution again (the decoder's upsampling back towards the input's size).
 4. The stem runs to the first drop, then on through modules holding only light segments
    (ResNet's BN, ReLU and max-pool) until a module with a heavy segment starts.
 5. Stages are the runs of segments between drops after the stem. A level with no heavy
@@ -266,7 +266,8 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
             f"name them by module paths, e.g. --stages {example}"
         )
     end = max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1)  # the head follows
-    end = next((k - 1 for k in range(first_drop + 1, end + 1) if facts.grows(k)), end)  # or a decoder does
+    if end == last_cut:  # dense prediction: the output has positions, and the head is the decoder
+        end = next((k - 1 for k in range(first_drop + 1, end + 1) if facts.grows(k)), end)
     while end > first_drop and not facts.at_module_edge(end):
         end -= 1
     stem = first_drop

@@ -36,7 +36,7 @@ from .measure import (
     output_tensors,
     relative_error,
 )
-from .models import create_model, default_input_size
+from .models import check_convertible, create_model, default_input_size
 from .nn.modes import training_mode
 from .nn.routed_stage import PartSpec, routed_stages
 from .nn.rules import RoutingConfig, rule_class
@@ -90,6 +90,7 @@ def part_order_of(gm: fx.GraphModule) -> list[str]:
 
 def _resolve(model: nn.Module | str, num_classes: int | None):
     if isinstance(model, str):
+        check_convertible(model)
         return create_model(model, num_classes), {"model": model, "num_classes": num_classes}
     if not isinstance(model, nn.Module):
         raise OptionError(f"expected an nn.Module or a model name, got {type(model).__name__}")

@@ -29,6 +29,11 @@ class WeightsError(RMNError):
     """A --weights file is missing, unreadable, or does not fit the model."""
 
 
+class ModelTaskError(RMNError):
+    """The model, as a whole, is not a network of one input batch (a detector takes a list of
+    images, an optical-flow model two); the message says which part to convert, if any."""
+
+
 class TraceError(RMNError):
     """torch.fx cannot capture the model; the message names the module and the reason."""
 

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import ModelBuildError, ModelNotFoundError, WeightsError, first_line
+from .errors import ModelBuildError, ModelNotFoundError, ModelTaskError, WeightsError, first_line
 from .files import read_torch_file
 
 TORCHVISION_INPUT_SIZE = (3, 224, 224)
@@ -78,6 +78,21 @@ def torchvision_name(name: str) -> str | None:
         return None
     model_name = rest if sep else name
     return model_name if model_name in torchvision_tasks() else None
+
+
+def check_convertible(name: str) -> None:
+    """Refuse, by task, the torchvision models that are not one network of one batch:
+    detectors (convert their backbone, whose dict of feature maps keeps its names, so the
+    detector still runs) and optical flow (two images per sample: out of reach)."""
+    tv_name = torchvision_name(name)
+    task = torchvision_tasks().get(tv_name) if tv_name else None
+    if task == "detection":
+        raise ModelTaskError(
+            f"'{tv_name}' is a detector (it takes a list of images and returns boxes); convert its backbone in Python: "
+            f"model.backbone.body = rmn_fx.transform(model.backbone.body, input_size=(3, H, W))"
+        )
+    if task == "optical_flow":
+        raise ModelTaskError(f"'{tv_name}' estimates optical flow from two images per sample; rmn-fx converts networks of one input batch")
 
 
 def _builder(name: str):

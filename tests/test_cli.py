@@ -117,6 +117,8 @@ def cli_error(args, tmp_path, capsys, *needles):
         (["convert", "tiny_models:fixed_size", "--input-size", "48"], ["rejects a 3x48x48 input"]),
         (["convert", TINY, "--input-size", "3,x,2"], ["--input-size"]),
         (["convert", TINY, "--input-size", "3,2,2,32,32"], ["--input-size", "C,T,H,W"]),
+        (["convert", "fasterrcnn_resnet50_fpn"], ["is a detector", "model.backbone.body = rmn_fx.transform(model.backbone.body"]),
+        (["inspect", "raft_small"], ["optical flow from two images"]),
         (["convert", TINY, "--input-size", "3,4,32,32"], ["rejects a 3x4x32x32 input", "C,T,H,W for a video"]),
         (["inspect", "tiny_models:no_downsampling", "--input-size", "32"], ["no downsampling"]),
         (["convert", TINY, "--routing", "moe"], ["'moe' is not a routing rule", "gate", "rmn-fx convert --help"]),

@@ -46,6 +46,33 @@ def test_timm_models(name):
     assert_properties(check(f"timm:{name}", branches=2, sides=None))
 
 
+def test_a_detector_runs_with_its_backbone_converted():
+    """What the error for detector names advises: the backbone's dict of feature maps keeps
+    its names, so the detector runs, and right after conversion its detections are the
+    base's, also with the images spread over the procedures."""
+    import torch
+    import torchvision
+
+    from rmn_fx.measure import spread_routes
+
+    torch.manual_seed(0)
+    detector = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, box_score_thresh=0.0).eval()
+    images = [torch.rand(3, 240, 320), torch.rand(3, 320, 288)]
+    with torch.no_grad():
+        want = detector(images)
+    body = detector.backbone.body
+    converted = rmn_fx.transform(body, branches=2, input_size=(3, 320, 320))
+    x = torch.randn(2, 3, 320, 320)
+    spread_routes(converted, x)
+    assert list(converted(x)) == list(body(x))  # the feature maps' names
+    detector.backbone.body = converted
+    with torch.no_grad():
+        got = detector(images)
+    assert all(len(d["boxes"]) for d in want)
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
 OTHER_RULES = [("gate", 1), ("gate", 2), ("cross-connections", None), ("cross-prediction", None)]
 
 
