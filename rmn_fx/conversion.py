@@ -9,9 +9,11 @@ The converted GraphModule's top-level code reads stem -> stage_1 ... stage_S -> 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -28,7 +30,7 @@ from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
 from rmn_fx.passes.route import RouteStages, part_specs
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
-from .errors import ConversionError, OptionError, RMNError
+from .errors import ConversionError, ModulesLeftOutWarning, OptionError, RMNError
 from .measure import (
     count_params,
     flop_counts,
@@ -40,7 +42,7 @@ from .models import check_convertible, create_model, default_input_size
 from .nn.modes import training_mode
 from .nn.routed_stage import PartSpec, routed_stages
 from .nn.rules import RoutingConfig, rule_class
-from .tracing import trace
+from .tracing import describe_left_out, left_out_modules, trace
 
 VERIFY_RTOL = 1e-5
 
@@ -55,6 +57,7 @@ class Anatomy:
     source: dict | None
     sample: torch.Tensor  # the input of shape propagation, on the model's device and dtype
     sample_output: object  # the base model's output on `sample`: the verification reference
+    left_out: list[tuple[str, int]] = field(default_factory=list)  # (module path, parameters) the graph never uses
 
     def parts(self) -> list[dict]:
         """One row per part: name, modules, shapes, parameters, share of FLOPs."""
@@ -101,6 +104,15 @@ def _resolve(model: nn.Module | str, num_classes: int | None):
     return copy.deepcopy(model), None
 
 
+@contextlib.contextmanager
+def left_out_said_elsewhere():
+    """Silence `ModulesLeftOutWarning` where the user is told otherwise: the CLI prints its
+    own line, and a file being loaded was converted (and said so) before."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ModulesLeftOutWarning)
+        yield
+
+
 def _check_input_size(input_size) -> tuple[int, ...]:
     size = tuple(input_size)
     if len(size) not in (3, 4) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
@@ -131,6 +143,7 @@ def analyze(
     if granularity not in GRANULARITIES:
         raise OptionError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     gm = trace(base)
+    left_out = left_out_modules(base, gm)
     if remove_downsamplings:  # find the anatomy first, where the original network has room for it
         gm = _remove_downsamplings(gm, base, size, ranges, remove_downsamplings, granularity)
         ranges = None
@@ -139,7 +152,7 @@ def analyze(
     gm, _ = PassManager([shapes, FindStages(ranges, plan, granularity)])(gm)
     check_removed(gm)
     gm, _ = PassManager([OutlineParts()])(gm)
-    return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output)
+    return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output, left_out)
 
 
 def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, count: int, granularity: str) -> fx.GraphModule:
@@ -208,7 +221,10 @@ def transform(
         "stages": None if stages is None else [list(r) for r in parse_stage_ranges(stages)],
         "granularity": granularity,
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
+        "left_out": [[path, count] for path, count in anatomy.left_out],
     }
+    if anatomy.left_out:
+        warnings.warn(describe_left_out(anatomy.left_out), ModulesLeftOutWarning, stacklevel=2)
     if verify:
         with training_mode(gm, False), torch.no_grad():
             _verify(output_tensors(anatomy.sample_output), output_tensors(gm(anatomy.sample)))

@@ -62,6 +62,11 @@ class ModelFileError(RMNError):
     """A model file is missing, corrupt, truncated, of another format version, or not ours."""
 
 
+class ModulesLeftOutWarning(UserWarning):
+    """The converted model leaves out modules its base has but never calls at inference
+    (auxiliary classifiers); the message names them."""
+
+
 class OutputPathError(RMNError):
     """An output path cannot be written (missing or read-only directory)."""
 

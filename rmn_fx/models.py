@@ -19,7 +19,13 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import ModelBuildError, ModelNotFoundError, ModelTaskError, WeightsError, first_line
+from .errors import (
+    ModelBuildError,
+    ModelNotFoundError,
+    ModelTaskError,
+    WeightsError,
+    first_line,
+)
 from .files import read_torch_file
 
 TORCHVISION_INPUT_SIZE = (3, 224, 224)

@@ -17,7 +17,7 @@ import json
 import torch
 from torch import fx, nn
 
-from .conversion import transform
+from .conversion import left_out_said_elsewhere, transform
 from .errors import ModelFileError, OptionError, UntrustedCodeError
 from .files import atomic_write, read_torch_file
 from .models import is_factory, state_dict_mismatch
@@ -76,17 +76,18 @@ def load(
     config, state = read(path)
     source = config.get("source")
     base = model if model is not None else _base_from_source(path, source, trust_factory)
-    gm = transform(
-        base,
-        routing=_routing_of(path, config),
-        stages=config["stages"],
-        granularity=config.get("granularity", "stage"),
-        routed=config["routed"],
-        input_size=config["input_size"],
-        remove_downsamplings=config.get("remove_downsamplings", 0),
-        num_classes=None if model is not None else source.get("num_classes"),
-        verify=False,
-    )
+    with left_out_said_elsewhere():
+        gm = transform(
+            base,
+            routing=_routing_of(path, config),
+            stages=config["stages"],
+            granularity=config.get("granularity", "stage"),
+            routed=config["routed"],
+            input_size=config["input_size"],
+            remove_downsamplings=config.get("remove_downsamplings", 0),
+            num_classes=None if model is not None else source.get("num_classes"),
+            verify=False,
+        )
     if gm.meta["rmn_fx"]["stage_plan"] != config["stage_plan"]:
         raise ModelFileError(
             f"'{path}' was made with stages {config['stage_plan']}, but this model and rmn-fx give "

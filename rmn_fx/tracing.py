@@ -6,8 +6,9 @@ feature extraction does. Every node keeps `meta["nn_module_stack"]`, the module 
 was called under, which the stage analysis uses to place boundaries at module edges.
 
 The model is traced in eval mode: Python branches on `self.training` take their inference
-path (Inception's auxiliary logits, for one). Dropout, DropPath and StochasticDepth stay
-modules, so they still act in training mode.
+path, so training-only branches (Inception's and GoogLeNet's auxiliary classifiers) are
+left out; `left_out_modules` names them, so that users are told. Dropout, DropPath and
+StochasticDepth stay modules, so they still act in training mode.
 """
 
 from __future__ import annotations
@@ -100,3 +101,24 @@ def trace(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.train(model.training)
     return gm
+
+
+def left_out_modules(model: nn.Module, graph_module: fx.GraphModule) -> list[tuple[str, int]]:
+    """The outermost submodules of `model` with parameters that the traced graph never
+    uses, each with its parameter count: training-only branches, left out of the trace."""
+    used = {name for name, _ in graph_module.named_parameters(remove_duplicate=False)}
+    left: list[tuple[str, int]] = []
+    for path, module in model.named_modules():
+        names = [f"{path}.{name}" for name, _ in module.named_parameters(remove_duplicate=False)]
+        if path and names and not any(n in used for n in names) and not any(path.startswith(p + ".") for p, _ in left):
+            left.append((path, sum(p.numel() for p in module.parameters())))
+    return left
+
+
+def describe_left_out(left_out: list[tuple[str, int]]) -> str:
+    """One line for users: what the converted model leaves out, why, and what to do."""
+    modules = ", ".join(f"{path} ({count:,} parameters)" for path, count in left_out)
+    return (
+        f"the model's eval-mode forward never calls {modules}: a training-only branch such as an auxiliary "
+        "classifier, which the converted model leaves out; train without its loss, or build the model without it"
+    )

@@ -199,13 +199,23 @@ def test_the_command_line_loads_no_torch_until_a_command_needs_it():
     assert version.returncode == 0 and "0.1.0" in version.stdout
 
 
-def test_convert_counts_the_base_parameters_its_forward_uses(tmp_path, capsys):
-    """GoogLeNet's auxiliary heads are not in the eval-mode graph: the base count leaves them out."""
-    assert main(["convert", "googlenet", "--input-size", "64", "-b", "2", "--no-attention", "-o", str(tmp_path / "g.pt")]) == 0
-    out = capsys.readouterr().out
+def test_training_only_branches_left_out_are_named_everywhere(tmp_path, capsys):
+    """GoogLeNet's auxiliary heads are not in the eval-mode graph: the base count leaves them
+    out, and convert, inspect (text and JSON) and the API say which modules, with their sizes."""
     import torchvision
 
+    from rmn_fx.errors import ModulesLeftOutWarning
+
+    assert main(["convert", "googlenet", "--input-size", "64", "-b", "2", "--no-attention", "-o", str(tmp_path / "g.pt")]) == 0
+    out = capsys.readouterr().out
     net = torchvision.models.googlenet(weights=None, init_weights=False)
     used = rmn_fx.measure.count_params(rmn_fx.trace(net))
-    assert used < rmn_fx.measure.count_params(net)
-    assert f"parameters: {used:,} ->" in out and "leaves" in out
+    aux = {name: rmn_fx.measure.count_params(getattr(net, name)) for name in ("aux1", "aux2")}
+    assert used + sum(aux.values()) == rmn_fx.measure.count_params(net)
+    assert f"parameters: {used:,} ->" in out
+    assert all(f"{name} ({count:,} parameters)" in out for name, count in aux.items())
+    assert main(["inspect", "googlenet", "--input-size", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["left_out"] == [{"module": name, "params": count} for name, count in aux.items()]
+    with pytest.warns(ModulesLeftOutWarning, match="aux1 .*aux2"):
+        gm = rmn_fx.transform(net, branches=2, input_size=(3, 64, 64))
+    assert gm.meta["rmn_fx"]["left_out"] == [[name, count] for name, count in aux.items()]

@@ -42,24 +42,26 @@ def convert(model, weights, input_size, stages, granularity, remove_downsampling
       rmn-fx convert resnet50 --branches 4 --routing cross-prediction --granularity block -o cp.pt
       rmn-fx convert timm:convnext_atto --branches 8 --routing gate --top-k 2 -o moe.pt
     """
-    from rmn_fx.conversion import transform
+    from rmn_fx.conversion import left_out_said_elsewhere, transform
     from rmn_fx.files import check_writable
     from rmn_fx.measure import count_params
     from rmn_fx.nn.rules import RoutingConfig
     from rmn_fx.serialization import save
-    from rmn_fx.tracing import trace
+    from rmn_fx.tracing import describe_left_out, trace
 
     check_writable(output)
     net, input_size = build(model, num_classes, weights, input_size)
-    gm = transform(net, branches, attention, stages, routed, input_size, memory_momentum, remove_downsamplings=remove_downsamplings or 0, routing=routing, top_k=top_k, granularity=granularity)
+    with left_out_said_elsewhere():  # said below, in the CLI's words
+        gm = transform(net, branches, attention, stages, routed, input_size, memory_momentum, remove_downsamplings=remove_downsamplings or 0, routing=routing, top_k=top_k, granularity=granularity)
     gm.meta["rmn_fx"]["source"] = {"model": model, "num_classes": num_classes}
     save(gm, output)
     base, converted = count_params(trace(net)), count_params(gm)  # the traced base: what its forward uses
     routed_names = ", ".join(f"stage_{i}" for i in gm.meta["rmn_fx"]["routed"])
     click.echo(f"{model}: routed {routed_names} with {branches} procedures, {RoutingConfig.from_meta(gm.meta['rmn_fx']).describe()}")
-    dropped = count_params(net) - base
-    note = f" (the base's forward leaves {dropped:,} parameters unused, e.g. auxiliary heads: not counted)" if dropped else ""
-    click.echo(f"parameters: {base:,} -> {converted:,} ({converted / base:.2f}x){note}")
+    click.echo(f"parameters: {base:,} -> {converted:,} ({converted / base:.2f}x)")
+    left_out = gm.meta["rmn_fx"]["left_out"]
+    if left_out:
+        click.echo(f"note: {describe_left_out(left_out)}")
     click.echo(f"wrote {output}")
 
 
@@ -83,6 +85,7 @@ def inspect(ctx, model, weights, input_size, stages, granularity, remove_downsam
     """
     from rmn_fx.conversion import analyze
     from rmn_fx.nn.rules import RoutingConfig
+    from rmn_fx.tracing import describe_left_out
 
     net, input_size = build(model, num_classes, weights, input_size)
     anatomy = analyze(net, stages, input_size, remove_downsamplings=remove_downsamplings or 0, granularity=granularity)
@@ -90,7 +93,8 @@ def inspect(ctx, model, weights, input_size, stages, granularity, remove_downsam
     asked = [name for name in CONVERSION_PARAMS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
     routing = _routed_costs(net, anatomy, stages, granularity, remove_downsamplings or 0, rows, **routing_options) if asked else None
     if as_json:
-        click.echo(json.dumps({"model": model, "input_size": anatomy.input_size, "routing": routing, "parts": rows}, indent=2))
+        left_out = [{"module": path, "params": count} for path, count in anatomy.left_out]
+        click.echo(json.dumps({"model": model, "input_size": anatomy.input_size, "routing": routing, "parts": rows, "left_out": left_out}, indent=2))
         return
     click.echo(f"{model}  input {'x'.join(map(str, anatomy.input_size))}  {len(anatomy.stages)} {granularity}s")
     routed_header = f" {'routed params':>14} {'FLOPs x':>7}" if routing else ""
@@ -107,6 +111,8 @@ def inspect(ctx, model, weights, input_size, stages, granularity, remove_downsam
         )
     ranges = anatomy.stage_ranges()
     click.echo(f"as --stages: {ranges}" if ranges else "(these stages hold function calls only; they cannot be written as --stages)")
+    if anatomy.left_out:
+        click.echo(f"left out: {describe_left_out(anatomy.left_out)}")
     if routing:
         click.echo(
             f"{RoutingConfig(**routing['config']).describe()}, N = {routing['config']['branches']}: parameters {routing['base_params']:,} -> "
@@ -118,13 +124,14 @@ def inspect(ctx, model, weights, input_size, stages, granularity, remove_downsam
 def _routed_costs(net, anatomy, stages, granularity, remove_downsamplings, rows, routing, branches, top_k, attention, routed, memory_momentum) -> dict:
     """Convert as asked; add each part's routed parameters and FLOPs per sample to `rows`
     (and the base's FLOPs per sample); return the totals and the routing."""
-    from rmn_fx.conversion import transform
+    from rmn_fx.conversion import left_out_said_elsewhere, transform
     from rmn_fx.measure import part_costs
 
-    gm = transform(
-        net, branches, attention, stages, routed, list(anatomy.input_size), memory_momentum,
-        remove_downsamplings=remove_downsamplings, routing=routing, top_k=top_k, granularity=granularity,
-    )
+    with left_out_said_elsewhere():  # inspect prints it
+        gm = transform(
+            net, branches, attention, stages, routed, list(anatomy.input_size), memory_momentum,
+            remove_downsamplings=remove_downsamplings, routing=routing, top_k=top_k, granularity=granularity,
+        )
     base, converted = part_costs(anatomy.graph_module, anatomy.sample), part_costs(gm, anatomy.sample)
     for row in rows:
         row["flops_per_sample"] = base[row["part"]][1]
