@@ -29,7 +29,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import rmn_fx
 from rmn_fx.cli import main
 from rmn_fx.deploy import FORMATS, check_parity, example_input
-from rmn_fx.deploy.norms import ExportableNorms
+from rmn_fx.deploy.subbatch_ops import ExportableOps, gathered_roll
 from rmn_fx.errors import ExportError
 from rmn_fx.measure import relative_error
 
@@ -142,9 +142,31 @@ def test_exportable_batch_norm_is_its_affine_form_at_inference_only():
     x = torch.randn(4, 3, 5, 5)
     with torch.no_grad():
         want_eval, want_train = bn.eval()(x), copy.deepcopy(bn).train()(x)
-        with ExportableNorms():
+        with ExportableOps():
             assert relative_error(want_eval, bn.eval()(x)) < 1e-6
             assert torch.equal(want_train, copy.deepcopy(bn).train()(x))  # batch statistics: left to the kernel
+
+
+@pytest.mark.slow
+def test_shifted_windows_export_on_a_sub_batch():
+    """Swin rolls its windows (`torch.roll`, which branches on an empty input): the routed
+    model exports and keeps the function in both formats."""
+    import torchvision
+
+    torch.manual_seed(0)
+    gm = rmn_fx.transform(torchvision.models.swin_t(), branches=2, input_size=(3, 64, 64)).eval()
+    spread_routes(gm, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    for fmt in ("pt2", "onnx"):
+        rows = check_parity(gm, FORMATS[fmt].runner(rmn_fx.export(gm, fmt)), example_input(gm), batches=(1, 3))
+        assert all(row.ok for row in rows), (fmt, rows)
+
+
+def test_gathered_roll_is_torch_roll():
+    x = torch.randn(3, 4, 5, 6)
+    for shifts, dims in [((-2, 3), (1, 2)), (7, 3), (-1, -1), ((1, 1), (0, 3)), (5, None)]:
+        assert torch.equal(gathered_roll(x, shifts, dims), torch.roll(x, shifts, dims))
+    with ExportableOps():
+        assert torch.equal(x.roll((2, -1), (1, 2)), gathered_roll(x, (2, -1), (1, 2)))
 
 
 @pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)

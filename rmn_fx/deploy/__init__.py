@@ -7,7 +7,7 @@ routes in the graph, so that each sample still runs through its own procedures.
 How: under an exporter the routed stages dispatch without a host sync (`nonzero` per
 procedure, `index_select`, the procedure on its data-dependent sub-batch, `index_copy`),
 and the norms that branch on such a sub-batch's size run in a form that does not
-(`norms.ExportableNorms`: BatchNorm as its inference affine map). In ONNX each procedure
+(`subbatch_ops.ExportableOps`: BatchNorm as its inference affine map, a roll as a gather). In ONNX each procedure
 then sits in an `If` on having samples (`onnx_branches`), so an empty one runs no kernel.
 """
 

@@ -14,7 +14,7 @@ from torch.export import Dim
 from rmn_fx.errors import ExportError, first_line
 
 from ..nn.modes import training_mode
-from .norms import ExportableNorms
+from .subbatch_ops import ExportableOps
 
 EXAMPLE_BATCH = 2  # not 1: torch.export would specialise the batch axis to the example's 0/1
 
@@ -35,10 +35,10 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
     """`torch.export` of `model` in eval mode (its own mode is restored), batch axis dynamic.
 
     Routed stages take their sync-free dispatch under the exporter; BatchNorm and GroupNorm
-    run in their exportable form (`ExportableNorms`). A model that still does not export raises
+    run in their exportable form (`ExportableOps`). A model that still does not export raises
     ExportError with the exporter's reason."""
     batch = Dim("batch", min=1)
-    with training_mode(model, False), ExportableNorms(), torch.no_grad(), quiet_exporter():
+    with training_mode(model, False), ExportableOps(), torch.no_grad(), quiet_exporter():
         try:
             return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         except Exception as exc:  # the exporter's errors have no common base class

@@ -150,7 +150,7 @@ def traceable_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.Modu
     back. Every procedure runs, on an empty sub-batch if it has no sample (no FLOPs), so
     the program is the same whatever the routes: what torch.export, ONNX and
     torch.jit.trace record (inference: a procedure runs in its own mode). The sub-batch
-    sizes are data-dependent (unbacked) sizes; see `rmn_fx.deploy.norms` for the layers
+    sizes are data-dependent (unbacked) sizes; see `rmn_fx.deploy.subbatch_ops` for the layers
     that cannot take them as they are (BatchNorm, GroupNorm)."""
     out = None
     for j, procedure in enumerate(procedures):

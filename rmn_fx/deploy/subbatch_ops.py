@@ -1,17 +1,19 @@
-"""Normalisation layers that exporters can trace on a data-dependent sub-batch.
+"""Ops that exporters can trace on a data-dependent sub-batch.
 
 Each procedure of a routed stage runs on its share of the batch, a size known only at run
-time (an unbacked size to torch.export). Two norms branch on that size in code that
+time (an unbacked size to torch.export). Some ops branch on that size in code that
 inference does not need, and torch.export refuses the branch
 (`GuardOnDataDependentSymNode`):
 - BatchNorm's kernel branches on `input.numel() == 0`; at inference it is the per-channel
   affine map y = (x - mean) / sqrt(var + eps) * weight + bias, which needs no branch;
 - GroupNorm's Python wrapper checks that more than one value is normalised per group
   (`_verify_batch_size`), a check of the sample's shape that torch cannot prove for an
-  unknown batch; the ATen op it then calls has no such branch.
+  unknown batch; the ATen op it then calls has no such branch;
+- `torch.roll` (Swin's shifted windows) returns early on `numel() == 0`; a roll is a
+  gather along each rolled dimension, whose size is the sample's (known), not the batch's.
 The mode below routes those calls while it is active, whoever makes them (nn.BatchNorm*,
-timm's BatchNormAct2d and GroupNormAct, functional code), and leaves training-mode
-BatchNorm alone.
+timm's BatchNormAct2d and GroupNormAct, functional code, Tensor methods), and leaves
+training-mode BatchNorm alone.
 """
 
 from __future__ import annotations
@@ -38,9 +40,21 @@ def unchecked_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
 
-class ExportableNorms(TorchFunctionMode):
-    """Inside the block, inference-mode `F.batch_norm` runs as `affine_batch_norm` and
-    `F.group_norm` as `unchecked_group_norm`."""
+def gathered_roll(input, shifts, dims=None):
+    """`torch.roll` as an `index_select` per rolled dimension (no branch on the size)."""
+    if dims is None:  # roll the flattened tensor
+        return gathered_roll(input.flatten(), shifts, 0).view(input.shape)
+    shifts, dims = (shifts, dims) if isinstance(dims, (tuple, list)) else ((shifts,), (dims,))
+    for shift, dim in zip(shifts, dims, strict=True):
+        size = input.shape[dim]
+        index = torch.remainder(torch.arange(size, device=input.device) - shift, size)
+        input = input.index_select(dim, index)
+    return input
+
+
+class ExportableOps(TorchFunctionMode):
+    """Inside the block, inference-mode `F.batch_norm` runs as `affine_batch_norm`,
+    `F.group_norm` as `unchecked_group_norm` and `torch.roll` as `gathered_roll`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -48,6 +62,8 @@ class ExportableNorms(TorchFunctionMode):
             return affine_batch_norm(*args, **kwargs)
         if func is F.group_norm:
             return unchecked_group_norm(*args, **kwargs)
+        if func in (torch.roll, torch.Tensor.roll):
+            return gathered_roll(*args, **kwargs)
         return func(*args, **kwargs)
 
 
