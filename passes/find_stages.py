@@ -10,8 +10,13 @@ The rule, for any feed-forward graph (see the README's "Anatomy" section):
    global pooling, flatten or token selection); in a dense-prediction model (its output
    has positions: segmentation) it starts at the first segment after the first drop that
    raises the resolution again (the decoder's upsampling back towards the input's size).
-4. The stem runs to the first drop, then on through modules holding only light segments
-   (ResNet's BN, ReLU and max-pool) until a module with a heavy segment starts.
+4. The stem runs to the first drop, or to the end of the outermost module holding it that
+   is a chain of plain layers (no block: one tensor node per segment) with drops after it
+   (a deep stem: ResNet-D's three convs, LeViT's strided convs). A stem that does not
+   downsample (a CIFAR ResNet's: the first drop lies in a block) is the plain layers before
+   the first block (a heavy segment of more than one layer). The stem then runs on through
+   modules holding only light segments (ResNet's BN, ReLU and max-pool) until a module with
+   a heavy segment starts.
 5. Stages are the runs of segments between drops after the stem. A level with no heavy
    segment joins the next stage (or the head, at the end).
 6. Every boundary sits at a module edge: a cut inside a module other than a container
@@ -190,6 +195,25 @@ class GraphFacts:
         before = next((r for j in range(k - 1, -1, -1) if (r := self.resolution(j)) is not None), None)
         return before is not None and after is not None and after >= before * DROP_FACTOR
 
+    def plain(self, k: int) -> bool:
+        """Segment k is one layer (a conv, a norm, an activation, a pool): no block, branch
+        or residual, which would put more than one tensor node between two cuts."""
+        return sum(1 for n in self.segment(k) if carries_tensors(n)) == 1
+
+    def plain_stem_end(self, first_drop: int, end: int) -> int | None:
+        """The end of the outermost module holding the first drop that is a chain of plain
+        layers with more drops after it (a deep stem: ResNet-D's three convs, LeViT's four
+        strided convs), as a cut index; None if no such module."""
+        cut_at = {self.pos[c]: k for k, c in enumerate(self.cuts)}
+        for path, _ in self.cuts[first_drop].meta.get("nn_module_stack", {}).values():
+            first, last = self.spans[path]
+            exit_cut = cut_at.get(last)
+            if exit_cut is None or exit_cut >= end or not any(self.drops(k) for k in range(exit_cut + 1, end + 1)):
+                continue
+            if all(self.plain(k) for k in range(self.cut_before(first) + 1, exit_cut + 1)):
+                return exit_cut
+        return None
+
     def heavy(self, k: int) -> bool:
         """Segment k owns a parameter of two or more dimensions."""
         return self._heavy[k]
@@ -270,7 +294,13 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
         end = next((k - 1 for k in range(first_drop + 1, end + 1) if facts.grows(k)), end)
     while end > first_drop and not facts.at_module_edge(end):
         end -= 1
-    stem = first_drop
+    stem = max(first_drop, facts.plain_stem_end(first_drop, end) or 0)
+    first_block = next((k for k in range(1, end + 1) if facts.heavy(k) and not facts.plain(k)), None)
+    if first_block is not None and first_block <= first_drop:  # a stem that does not downsample: its plain layers
+        stem = first_block - 1
+        while stem > 0 and not facts.at_module_edge(stem):
+            stem -= 1
+        stem = stem or first_drop  # no plain layer before the first block: the first drop ends the stem after all
     while stem < end:
         following_edge = next((k for k in range(stem + 1, end + 1) if facts.at_module_edge(k)), end)
         if facts.at_module_edge(stem) and any(facts.heavy(k) for k in range(stem + 1, following_edge + 1)):

@@ -1,7 +1,7 @@
 """A hypothesis strategy for random CNN backbones whose true stages are known.
 
-A backbone is `stem` (a conv, norm, activation and optional max-pool, with at least one
-downsampling), `stages` (each a Sequential of blocks; every stage after the first opens
+A backbone is `stem` (one to three plain conv-norm-activation layers and an optional
+max-pool: a deep stem, or one that does not downsample when a block follows it), `stages` (each a Sequential of blocks; every stage after the first opens
 with a downsampling: a strided block, a pool, or a strided conv), an optional 1x1
 `head_conv` that belongs to the last stage (EfficientNet's conv_head), and a `head`:
 global pooling + linear (a classifier), or a per-position 1x1 conv whose output is
@@ -106,6 +106,7 @@ class BackboneSpec:
     stem_stride: int
     stem_pool: bool
     stem_width: int
+    stem_convs: tuple[int, ...]  # strides of the stem's further convs (a deep stem: ResNet-D's)
     norm: str
     stages: list[StageSpec]
     head_conv: bool
@@ -114,6 +115,10 @@ class BackboneSpec:
     dense: bool = False  # a segmentation head instead of a classifier
     classes: int = 5
     expected: list[tuple[str, ...]] = field(default_factory=list)
+
+    @property
+    def stem_downsamples(self) -> bool:
+        return self.stem_stride == 2 or 2 in self.stem_convs or self.stem_pool
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -144,7 +149,9 @@ class Backbone(nn.Module):
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
         layers = Layers(2 if spec.frames is None else 3)
-        stem = [layers.conv(3, spec.stem_width, 3, spec.stem_stride, 1), layers.norm(spec.norm, spec.stem_width), nn.ReLU()]
+        stem = []
+        for i, stride in enumerate((spec.stem_stride, *spec.stem_convs)):
+            stem += [layers.conv(3 if i == 0 else spec.stem_width, spec.stem_width, 3, stride, 1), layers.norm(spec.norm, spec.stem_width), nn.ReLU()]
         if spec.stem_pool:
             stem.append(layers.max_pool(3, 2, 1))
         self.stem = nn.Sequential(*stem)
@@ -184,7 +191,7 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
     layers), a segmentation one, or both."""
     count = draw(st.integers(2, max_stages))
     stem_stride = draw(st.sampled_from([1, 2]))
-    stem_pool = stem_stride == 1 or draw(st.booleans())
+    stem_convs = tuple(draw(st.lists(st.sampled_from([1, 2]), max_size=2)))
     widths = st.sampled_from([4, 6, 8, 12])
     stages = []
     for i in range(count):
@@ -197,11 +204,16 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
                 se=[draw(st.booleans()) for _ in blocks],
             )
         )
-    drops = (stem_stride == 2) + stem_pool + count - 1
+    first = stages[0]
+    opens_with_a_block = first.blocks[0] != "plain" or first.se[0]  # not a chain of plain layers
+    # a stem that does not downsample (CIFAR's) needs a block after it, or nothing tells it apart from a stage
+    stem_pool = draw(st.booleans()) if opens_with_a_block or stem_stride == 2 or 2 in stem_convs else True
+    drops = (stem_stride == 2) + stem_convs.count(2) + stem_pool + count - 1
     spec = BackboneSpec(
         stem_stride=stem_stride,
         stem_pool=stem_pool,
         stem_width=draw(widths),
+        stem_convs=stem_convs,
         norm=draw(st.sampled_from(["bn", "gn"])),
         stages=stages,
         head_conv=draw(st.booleans()),

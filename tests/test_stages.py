@@ -64,6 +64,31 @@ def test_segmentation_head_starts_at_the_upsampling_to_the_input():
     assert anatomy.graph_module.meta["rmn_part_modules"]["head"] == ()
 
 
+@pytest.mark.parametrize(
+    "name, stem, stages",
+    [
+        ("resnet50d", ("conv1", "bn1", "act1", "maxpool"), [("layer1",), ("layer2",), ("layer3",), ("layer4",)]),
+        ("levit_128s", ("stem",), [("stages.0",), ("stages.1",), ("stages.2",)]),
+    ],
+)
+def test_a_deep_stem_of_plain_convs_is_one_stem(name, stem, stages):
+    """ResNet-D's three convs and LeViT's four strided convs are stems, as timm's
+    feature_info (and users) say, not stages."""
+    anatomy = rmn_fx.analyze(timm.create_model(name), input_size=(3, 224, 224))
+    assert anatomy.graph_module.meta["rmn_part_modules"]["stem"] == stem
+    assert [s.modules for s in anatomy.stages] == stages
+
+
+def test_a_stem_that_does_not_downsample_ends_before_the_first_block():
+    """A CIFAR ResNet (3x3 stride-1 stem, no max-pool): layer1 is a stage at full
+    resolution, not part of the stem."""
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1, model.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    anatomy, stages = stages_of(model, size=32)
+    assert anatomy.graph_module.meta["rmn_part_modules"]["stem"] == ("conv1", "bn1", "relu", "maxpool")
+    assert stages == [("layer1",), ("layer2",), ("layer3",), ("layer4",)]
+
+
 def test_torchvision_convnext_downsample_is_not_split():
     _, stages = stages_of(torchvision.models.convnext_tiny())
     assert stages[1] == ("features.2", "features.3")
