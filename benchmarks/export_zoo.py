@@ -12,7 +12,9 @@ JSON, prints the counts per format and every failure.
     python benchmarks/export_zoo.py --hub timm --models resnet18 convnext_atto -o out/export_some
 
 --jobs J exports J models at once, each in its own process with one thread (export is
-mostly single-threaded Python; the rows keep the list's order).
+mostly single-threaded Python; the rows keep the list's order). A model whose process
+dies (the kernel's out-of-memory killer: the largest ViTs) is retried alone, and if it
+dies again its row says so; the sweep goes on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import functools
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import time
 
 import torch
@@ -76,6 +80,29 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def run_in_processes(work, names: list[str], jobs: int):
+    """`work(name)` for each name, `jobs` processes at a time, yielded in order. When a
+    process dies, the models not yet finished run again one at a time, and one whose
+    process dies alone gets a row naming that instead of a result."""
+    pending = list(names)
+    while pending:
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread, max_tasks_per_child=4)
+        futures = [pool.submit(work, name) for name in pending]
+        finished = 0
+        try:
+            for future in futures:
+                yield future.result()
+                finished += 1
+        except BrokenProcessPool:
+            if jobs == 1:
+                yield {"model": pending[finished], "convert": "its process died (killed by the kernel: out of memory?)"}
+                finished += 1
+            jobs = 1
+        finally:
+            pool.shutdown(cancel_futures=True)
+        pending = pending[finished:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hub", choices=["torchvision", "timm"], required=True)
@@ -95,10 +122,9 @@ def main() -> None:
     rows = [done[prefix + n] for n in names if prefix + n in done]
     todo = [prefix + n for n in names if prefix + n not in done]
     work = functools.partial(sweep_one, args=args, sides=sides)
-    with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=one_thread, maxtasksperchild=4) as pool:
-        for row in tqdm(pool.imap(work, todo), total=len(todo), desc=f"{args.hub} export", disable=None):
-            rows.append(row)
-            write_rows(args.output, rows)  # after every model: a long sweep keeps what it measured
+    for row in tqdm(run_in_processes(work, todo, args.jobs), total=len(todo), desc=f"{args.hub} export", disable=None):
+        rows.append(row)
+        write_rows(args.output, rows)  # after every model: a long sweep keeps what it measured
     converted = [r for r in rows if r["convert"] == "ok"]
     print(f"{len(converted)}/{len(rows)} converted (N = {args.branches}, {args.routing} routing)")
     print("| format | base exports | routed exports (of those whose base does) | routed exports (all) |")
