@@ -161,6 +161,45 @@ def test_shifted_windows_export_on_a_sub_batch():
         assert all(row.ok for row in rows), (fmt, rows)
 
 
+class TokenMixer(torch.nn.Module):
+    """A stage block that reshapes with the batch kept and one size inferred
+    (`x.reshape(B, C, -1)`, as timm's Swin does)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mix = torch.nn.Linear(channels, channels)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, -1).transpose(1, 2)
+        return x + self.mix(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_a_batch_keeping_reshape_exports_with_empty_procedures():
+    """Inferring the -1 from the sub-batch would divide by it: the exported program would
+    assert that no procedure is empty."""
+    torch.manual_seed(0)
+    conv = lambda cin, cout: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, 2, 1), torch.nn.ReLU())  # noqa: E731
+    base = torch.nn.Sequential(conv(3, 8), TokenMixer(8), conv(8, 8), TokenMixer(8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    gm = rmn_fx.transform(base, branches=3, input_size=SIZE).eval()
+    spread_routes(gm, torch.randn(3, *SIZE, generator=torch.Generator().manual_seed(1)))
+    program = rmn_fx.export(gm, "pt2")
+    rows = check_parity(gm, FORMATS["pt2"].runner(program), example_input(gm), batches=(1, 2, 9))
+    assert all(row.ok for row in rows), rows
+    assert rows[0].procedures_used == [1] * len(routed_stages(gm))  # the others were empty
+
+
+def test_per_sample_shape_resolves_only_batch_keeping_reshapes():
+    from rmn_fx.deploy.subbatch_ops import per_sample_shape
+
+    x = torch.randn(4, 6, 5)
+    assert per_sample_shape(x, (4, -1, 3)) == (4, 10, 3)
+    assert per_sample_shape(x, (-1, 3)) is None  # the batch is folded: the op infers it
+    assert per_sample_shape(x, (4, 30)) is None  # nothing to infer
+    with ExportableOps():
+        assert torch.equal(x.reshape(4, -1, 3), x.reshape(4, 10, 3)) and x.view(4, 2, -1).shape == (4, 2, 15)
+
+
 def test_gathered_roll_is_torch_roll():
     x = torch.randn(3, 4, 5, 6)
     for shifts, dims in [((-2, 3), (1, 2)), (7, 3), (-1, -1), ((1, 1), (0, 3)), (5, None)]:

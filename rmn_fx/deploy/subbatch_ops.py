@@ -10,7 +10,10 @@ inference does not need, and torch.export refuses the branch
   (`_verify_batch_size`), a check of the sample's shape that torch cannot prove for an
   unknown batch; the ATen op it then calls has no such branch;
 - `torch.roll` (Swin's shifted windows) returns early on `numel() == 0`; a roll is a
-  gather along each rolled dimension, whose size is the sample's (known), not the batch's.
+  gather along each rolled dimension, whose size is the sample's (known), not the batch's;
+- a reshape that keeps the batch and infers another size (`x.reshape(B, -1, C)`, timm's
+  Swin) divides by the batch, which must then be nonzero (a runtime assert that an empty
+  procedure fails); the inferred size is the sample's, so it is computed per sample.
 The mode below routes those calls while it is active, whoever makes them (nn.BatchNorm*,
 timm's BatchNormAct2d and GroupNormAct, functional code, Tensor methods), and leaves
 training-mode BatchNorm alone.
@@ -18,8 +21,11 @@ training-mode BatchNorm alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.overrides import TorchFunctionMode
 
 
@@ -52,9 +58,32 @@ def gathered_roll(input, shifts, dims=None):
     return input
 
 
+RESHAPES = (torch.reshape, torch.Tensor.reshape, torch.Tensor.view)
+
+
+def per_sample_shape(input: torch.Tensor, shape) -> tuple | None:
+    """`shape` with its -1 resolved from the sizes of one sample, when it keeps `input`'s
+    batch as its first size; None when it does not (then the op infers it as usual)."""
+    if not shape or -1 not in shape[1:] or not statically_known_true(shape[0] == input.shape[0]):
+        return None
+    known = math.prod(d for d in shape[1:] if d != -1)
+    per_sample = math.prod(input.shape[1:])
+    if known == 0 or not statically_known_true(per_sample % known == 0):
+        return None
+    return tuple(per_sample // known if d == -1 else d for d in shape)
+
+
+def _reshape(func, args, kwargs):
+    input, *rest = args
+    shape = kwargs.get("shape", rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest)
+    resolved = per_sample_shape(input, tuple(shape)) if isinstance(input, torch.Tensor) and not kwargs.keys() - {"shape"} else None
+    return func(*args, **kwargs) if resolved is None else func(input, resolved)
+
+
 class ExportableOps(TorchFunctionMode):
     """Inside the block, inference-mode `F.batch_norm` runs as `affine_batch_norm`,
-    `F.group_norm` as `unchecked_group_norm` and `torch.roll` as `gathered_roll`."""
+    `F.group_norm` as `unchecked_group_norm`, `torch.roll` as `gathered_roll`, and a
+    batch-keeping reshape gets its inferred size per sample (`per_sample_shape`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -64,6 +93,8 @@ class ExportableOps(TorchFunctionMode):
             return unchecked_group_norm(*args, **kwargs)
         if func in (torch.roll, torch.Tensor.roll):
             return gathered_roll(*args, **kwargs)
+        if func in RESHAPES:
+            return _reshape(func, args, kwargs)
         return func(*args, **kwargs)
 
 
