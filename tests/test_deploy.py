@@ -179,7 +179,7 @@ def test_a_batch_keeping_reshape_exports_with_empty_procedures():
     """Inferring the -1 from the sub-batch would divide by it: the exported program would
     assert that no procedure is empty."""
     torch.manual_seed(0)
-    conv = lambda cin, cout: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, 2, 1), torch.nn.ReLU())  # noqa: E731
+    conv = lambda cin, cout: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, 2, 1), torch.nn.ReLU())
     base = torch.nn.Sequential(conv(3, 8), TokenMixer(8), conv(8, 8), TokenMixer(8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
     gm = rmn_fx.transform(base, branches=3, input_size=SIZE).eval()
     spread_routes(gm, torch.randn(3, *SIZE, generator=torch.Generator().manual_seed(1)))

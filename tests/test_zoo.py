@@ -1,8 +1,8 @@
 """Real torchvision and timm models: conversion properties and stages against timm's oracle.
 
 The default run checks a few models of different designs (a segmentation and a video
-model among them); `pytest -m zoo` sweeps every torchvision classification, segmentation
-and video model and the timm architectures of benchmarks/zoo.py.
+model among them); `pytest -m zoo` sweeps every torchvision classification, segmentation,
+video and quantization model and the timm architectures of benchmarks/zoo.py.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ MVIT = "MViT's blocks pass the (T, H, W) sizes beside the tokens: a boundary of 
     "name",
     [
         pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=MVIT)) if n.startswith("mvit") else n
-        for n in (*torchvision_names(), *torchvision_names("segmentation"), *torchvision_names("video"))
+        for n in (*torchvision_names(), *torchvision_names("segmentation"), *torchvision_names("video"), *torchvision_names("quantization"))
     ],
 )
 def test_every_torchvision_model(name):
