@@ -80,14 +80,17 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def run_in_processes(work, names: list[str], jobs: int):
-    """`work(name)` for each name, `jobs` processes at a time, yielded in order. When a
-    process dies, the models not yet finished run again one at a time, and one whose
-    process dies alone gets a row naming that instead of a result."""
+def run_in_processes(work, names: list[str], jobs: int, per_process: int = 4):
+    """`work(name)` for each name, `jobs` processes at a time, yielded in order; a fresh
+    pool every `per_process` models a process (what a model leaves in memory goes with its
+    process; the pool's own `max_tasks_per_child` can hang on Python 3.11). When a process
+    dies, the models not yet finished run again one at a time, and one whose process dies
+    alone gets a row naming that instead of a result."""
     pending = list(names)
     while pending:
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread, max_tasks_per_child=4)
-        futures = [pool.submit(work, name) for name in pending]
+        chunk = pending[: jobs * per_process]
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread)
+        futures = [pool.submit(work, name) for name in chunk]
         finished = 0
         try:
             for future in futures:
@@ -95,7 +98,7 @@ def run_in_processes(work, names: list[str], jobs: int):
                 finished += 1
         except BrokenProcessPool:
             if jobs == 1:
-                yield {"model": pending[finished], "convert": "its process died (killed by the kernel: out of memory?)"}
+                yield {"model": chunk[finished], "convert": "its process died (killed by the kernel: out of memory?)"}
                 finished += 1
             jobs = 1
         finally:
