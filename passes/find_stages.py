@@ -214,6 +214,18 @@ class GraphFacts:
                 return exit_cut
         return None
 
+    def hidden_drop_after(self, k: int) -> fx.Node | None:
+        """The first node after cut k with a drop from cut k's resolution, where no later
+        cut drops: the network downsamples where more than one tensor is alive (NASNet's
+        cells take the two previous cells' outputs), so no single-tensor cut shows it."""
+        before = self.resolution(k)
+        if before is None:
+            return None
+        return next(
+            (n for n in self.nodes[self.pos[self.cuts[k]] + 1 :] if (r := n.meta.get("rmn_resolution")) and r * DROP_FACTOR <= before),
+            None,
+        )
+
     def heavy(self, k: int) -> bool:
         """Segment k owns a parameter of two or more dimensions."""
         return self._heavy[k]
@@ -285,6 +297,7 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
     first_drop = next((k for k in range(1, last_cut + 1) if facts.drops(k)), None)
     example = suggest_stage_ranges(facts.gm) or "FIRST:LAST,..."
     if first_drop is None:
+        _refuse_hidden_drops(facts, 0, example)
         raise NoDownsamplingError(
             f"the network never lowers its resolution, so it has no stages to find; "
             f"name them by module paths, e.g. --stages {example}"
@@ -307,6 +320,7 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
             break
         stem = following_edge
     if not any(facts.drops(k) for k in range(stem + 2, end + 1)):
+        _refuse_hidden_drops(facts, stem, example)
         where = facts.cuts[stem].name
         raise NoDownsamplingError(
             f"found no downsampling after the stem (which ends at node '{where}'); "
@@ -331,6 +345,21 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
             stages.append((start, b))
             start = None
     return stages  # a trailing level without weights is left to the head
+
+
+def _refuse_hidden_drops(facts: GraphFacts, k: int, example: str) -> None:
+    """Name the real cause when the network does downsample after cut k, but only where
+    several tensors are alive, so that no single-tensor cut lies between its levels."""
+    node = facts.hidden_drop_after(k)
+    if node is None:
+        return
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    where = f"node '{node.name}'" + (f" in module '{stack[-1][0]}'" if stack else "")
+    raise StageError(
+        f"the network downsamples after node '{facts.cuts[k].name}' (at {where}), but only where more than one tensor is alive "
+        f"(blocks that take several earlier outputs, or parallel resolutions), so no single-tensor cut lies between its levels; "
+        f"name stages whose boundaries carry one tensor, e.g. --stages {example}"
+    )
 
 
 def block_cuts(facts: GraphFacts, stages: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

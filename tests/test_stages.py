@@ -89,6 +89,31 @@ def test_a_stem_that_does_not_downsample_ends_before_the_first_block():
     assert stages == [("layer1",), ("layer2",), ("layer3",), ("layer4",)]
 
 
+class TwoInputCells(torch.nn.Module):
+    """NASNet's pattern: each cell reads the two previous cells' outputs, so two tensors are
+    alive wherever the network downsamples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
+        self.cell1 = torch.nn.Conv2d(8, 8, 3, 1, 1)
+        self.cell2_a, self.cell2_b = torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 2, 1)
+        self.cell3_a, self.cell3_b = torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 4, 1)
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        x1 = self.cell1(x0)
+        x2 = self.cell2_a(x1) + self.cell2_b(x0)
+        x3 = self.cell3_a(x2) + self.cell3_b(x1)
+        return self.head(x3)
+
+
+def test_drops_where_several_tensors_are_alive_are_named_as_such():
+    with pytest.raises(StageError, match=r"downsamples after node 'stem' \(at node 'cell2_a' in module 'cell2_a'\), but only where more than one tensor is alive"):
+        stages_of(TwoInputCells())
+
+
 def test_torchvision_convnext_downsample_is_not_split():
     _, stages = stages_of(torchvision.models.convnext_tiny())
     assert stages[1] == ("features.2", "features.3")
