@@ -1,4 +1,4 @@
-"""Convert every torchvision classification model and a list of timm architectures.
+"""Convert every model of a torchvision list (classification by default) and a list of timm architectures.
 
 For each model: convert with N procedures (attention on) and record parameter and FLOP
 accounting and the function error right after conversion; then spread the samples over
@@ -9,6 +9,7 @@ randomly initialised net's own output moves by up to 1e-3 between batch sizes). 
 convert is recorded with its one-line error. Writes CSV and JSON, prints a Markdown table.
 
     python benchmarks/zoo.py --hub torchvision -o out/zoo_torchvision
+    python benchmarks/zoo.py --hub torchvision --task video -o out/zoo_video
     python benchmarks/zoo.py --hub timm -o out/zoo_timm
     python benchmarks/zoo.py --hub timm --families -o out/zoo_families
     python benchmarks/zoo.py --hub torchvision --routing gate --top-k 2 -o out/zoo_torchvision_gate2
@@ -23,7 +24,7 @@ import sys
 from results import write_rows  # benchmarks/results.py, beside this script
 from tqdm import tqdm
 
-from rmn_fx.models import torchvision_names
+from rmn_fx.models import TORCHVISION_TASKS, torchvision_names
 from rmn_fx.zoo import SIDES, TIMM_MODELS, check, exact_row, max_error, one_per_family
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--hub", choices=["torchvision", "timm"], required=True)
     parser.add_argument("--branches", type=int, default=2)
     parser.add_argument("--models", nargs="*", help="Only these models.")
+    parser.add_argument("--task", choices=[t for t in TORCHVISION_TASKS if t not in ("detection", "optical_flow")], default="classification", help="torchvision: which list.")
     parser.add_argument("--families", action="store_true", help="timm: one model per timm module instead of TIMM_MODELS.")
     parser.add_argument("--routing", default="memory", help="The routing rule (memory, gate, cross-connections, cross-prediction).")
     parser.add_argument("--top-k", type=int, help="gate routing: procedures per sample.")
@@ -41,7 +43,7 @@ def main() -> None:
     if args.models:
         names = args.models
     elif args.hub == "torchvision":
-        names = list(torchvision_names())
+        names = list(torchvision_names(args.task))
     else:
         names = one_per_family() if args.families else TIMM_MODELS
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
