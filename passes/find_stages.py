@@ -214,15 +214,16 @@ class GraphFacts:
                 return exit_cut
         return None
 
-    def hidden_drop_after(self, k: int) -> fx.Node | None:
-        """The first node after cut k with a drop from cut k's resolution, where no later
-        cut drops: the network downsamples where more than one tensor is alive (NASNet's
-        cells take the two previous cells' outputs), so no single-tensor cut shows it."""
-        before = self.resolution(k)
-        if before is None:
+    def hidden_drop_after(self, k: int, end: int) -> fx.Node | None:
+        """When the features at cut `end` have dropped from cut k's resolution though no cut
+        between them drops (the network downsamples where more than one tensor is alive:
+        NASNet's cells take the two previous cells' outputs), the first node on the way
+        down; else None (a class token's [B, 1, C] is no drop: the features stay)."""
+        before, final = self.resolution(k), self.resolution(end)
+        if before is None or final is None or final * DROP_FACTOR > before:
             return None
         return next(
-            (n for n in self.nodes[self.pos[self.cuts[k]] + 1 :] if (r := n.meta.get("rmn_resolution")) and r * DROP_FACTOR <= before),
+            (n for n in self.nodes[self.pos[self.cuts[k]] + 1 :] if (r := n.meta.get("rmn_resolution")) and final <= r and r * DROP_FACTOR <= before),
             None,
         )
 
@@ -297,7 +298,7 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
     first_drop = next((k for k in range(1, last_cut + 1) if facts.drops(k)), None)
     example = suggest_stage_ranges(facts.gm) or "FIRST:LAST,..."
     if first_drop is None:
-        _refuse_hidden_drops(facts, 0, example)
+        _refuse_hidden_drops(facts, 0, max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1), example)
         raise NoDownsamplingError(
             f"the network never lowers its resolution, so it has no stages to find; "
             f"name them by module paths, e.g. --stages {example}"
@@ -320,7 +321,7 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
             break
         stem = following_edge
     if not any(facts.drops(k) for k in range(stem + 2, end + 1)):
-        _refuse_hidden_drops(facts, stem, example)
+        _refuse_hidden_drops(facts, stem, end, example)
         where = facts.cuts[stem].name
         raise NoDownsamplingError(
             f"found no downsampling after the stem (which ends at node '{where}'); "
@@ -347,10 +348,10 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
     return stages  # a trailing level without weights is left to the head
 
 
-def _refuse_hidden_drops(facts: GraphFacts, k: int, example: str) -> None:
-    """Name the real cause when the network does downsample after cut k, but only where
-    several tensors are alive, so that no single-tensor cut lies between its levels."""
-    node = facts.hidden_drop_after(k)
+def _refuse_hidden_drops(facts: GraphFacts, k: int, end: int, example: str) -> None:
+    """Name the real cause when the network does downsample between cuts k and `end`, but
+    only where several tensors are alive, so that no single-tensor cut lies between its levels."""
+    node = facts.hidden_drop_after(k, end)
     if node is None:
         return
     stack = list(node.meta.get("nn_module_stack", {}).values())

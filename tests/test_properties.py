@@ -105,11 +105,14 @@ def test_paths_are_combined_before_every_stage_that_is_not_routed(rule, spec, br
 @RULE_SETTINGS
 @given(spec=backbones(), branches=branch_counts)
 def test_eval_output_of_a_sample_does_not_depend_on_its_batch(rule, options, spec, branches):
+    """In float64, so that the kernels' own batch-size dependence (up to 2e-5 relative for
+    a float32 Conv3d with GroupNorm) stays far below what a routing leak would show."""
     _, gm, x = convert(spec, branches, rule, options)
+    gm, x = gm.double(), x.double()
     with torch.no_grad():
         batched = gm(x)
         for i in range(x.shape[0]):
-            assert max_relative_error(batched[i : i + 1], gm(x[i : i + 1])) <= 1e-5
+            assert max_relative_error(batched[i : i + 1], gm(x[i : i + 1])) <= 1e-10
 
 
 def chosen_procedures(gm, rule: str, options: dict) -> tuple[list[list[torch.Tensor]], list]:
