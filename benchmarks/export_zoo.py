@@ -122,7 +122,7 @@ def main() -> None:
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
     sides = SIDES if args.hub == "torchvision" else None
     done = {r["model"]: r for r in read_rows(args.output)} if args.resume else {}
-    rows = [done[prefix + n] for n in names if prefix + n in done]
+    rows = list(done.values())  # every row the files hold, --models or not
     todo = [prefix + n for n in names if prefix + n not in done]
     work = functools.partial(sweep_one, args=args, sides=sides)
     for row in tqdm(run_in_processes(work, todo, args.jobs), total=len(todo), desc=f"{args.hub} export", disable=None):
