@@ -5,6 +5,7 @@ prediction, the routed samples against the base run per sample). Used by the zoo
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -74,16 +75,26 @@ def check(name: str, branches: int, sides, routing: str = "memory", top_k: int |
     row = {"model": name, "routing": routing, "top_k": top_k, "granularity": granularity, "status": "ok", "stages": None, "input": None, "named_stages": None, "error": ""}
     start = time.perf_counter()
     try:
-        base, gm, size, row["named_stages"] = convert_for_sweep(name, branches, sides, routing=routing, top_k=top_k, granularity=granularity)
-        x = torch.randn(branches, *size, generator=torch.Generator().manual_seed(0))
-        row.update(compare(base, gm, x), stages=len(gm.meta["rmn_stages"]), input=size[-1])
-        row["routed_relative_error"] = routed_error(base, gm, x, routing)
+        row.update(_measure(name, branches, sides, routing=routing, top_k=top_k, granularity=granularity))
     except RMNError as exc:
         row.update(status=type(exc).__name__, error=str(exc))
     except Exception as exc:  # noqa: BLE001 -- a bug (ours or the measurement's): recorded, and failing the sweep
         row.update(status="crash", error=f"{type(exc).__name__}: {first_line(exc)}")
     row["seconds"] = round(time.perf_counter() - start, 2)
+    gc.collect()  # GraphModules hold reference cycles: free this model's copies before a sweep builds the next
     return row
+
+
+def _measure(name: str, branches: int, sides, **rule) -> dict:
+    base, gm, size, named = convert_for_sweep(name, branches, sides, **rule)
+    x = torch.randn(branches, *size, generator=torch.Generator().manual_seed(0))
+    return {
+        **compare(base, gm, x),
+        "named_stages": named,
+        "stages": len(gm.meta["rmn_stages"]),
+        "input": size[-1],
+        "routed_relative_error": routed_error(base, gm, x, rule["routing"]),
+    }
 
 
 @torch.no_grad()

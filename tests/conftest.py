@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -17,3 +19,12 @@ def converted():
         return rmn_fx.transform("resnet18", branches=branches, attention=attention, num_classes=4, input_size=(3, 32, 32))
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def free_sweep_models(request):
+    """After a zoo or slow test, collect its models now: GraphModules hold reference cycles,
+    and a sweep of large models (ViT-H) must not pile up until the cyclic collector runs."""
+    yield
+    if request.node.get_closest_marker("zoo") or request.node.get_closest_marker("slow"):
+        gc.collect()
