@@ -134,6 +134,7 @@ class GraphFacts:
         self.nodes = list(graph_module.graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.cuts = main_path(graph_module.graph)
+        self.cut_at = {self.pos[c]: k for k, c in enumerate(self.cuts)}  # node position -> cut index
         self.spans, self.splittable, self.delegating = self._module_spans()
         self._edges = [self._at_module_edge(k) for k in range(len(self.cuts))]
         self._reads = self._last_reads()
@@ -183,16 +184,19 @@ class GraphFacts:
         """Nodes after cut k-1 up to and including cut k."""
         return self.nodes[self.pos[self.cuts[k - 1]] + 1 : self.pos[self.cuts[k]] + 1]
 
+    def _resolutions_around(self, k: int) -> tuple[int | None, int | None]:
+        """(resolution of the last cut before k whose resolution is known, resolution of cut k)."""
+        before = next((r for j in range(k - 1, -1, -1) if (r := self.resolution(j)) is not None), None)
+        return before, self.resolution(k)
+
     def drops(self, k: int) -> bool:
         """Segment k lowers the resolution (compared with the last cut whose resolution is known)."""
-        after = self.resolution(k)
-        before = next((r for j in range(k - 1, -1, -1) if (r := self.resolution(j)) is not None), None)
+        before, after = self._resolutions_around(k)
         return before is not None and after is not None and after * DROP_FACTOR <= before
 
     def grows(self, k: int) -> bool:
         """Segment k raises the resolution (an upsampling), by the same factor as a drop."""
-        after = self.resolution(k)
-        before = next((r for j in range(k - 1, -1, -1) if (r := self.resolution(j)) is not None), None)
+        before, after = self._resolutions_around(k)
         return before is not None and after is not None and after >= before * DROP_FACTOR
 
     def plain(self, k: int) -> bool:
@@ -204,10 +208,9 @@ class GraphFacts:
         """The end of the outermost module holding the first drop that is a chain of plain
         layers with more drops after it (a deep stem: ResNet-D's three convs, LeViT's four
         strided convs), as a cut index; None if no such module."""
-        cut_at = {self.pos[c]: k for k, c in enumerate(self.cuts)}
         for path, _ in self.cuts[first_drop].meta.get("nn_module_stack", {}).values():
             first, last = self.spans[path]
-            exit_cut = cut_at.get(last)
+            exit_cut = self.cut_at.get(last)
             if exit_cut is None or exit_cut >= end or not any(self.drops(k) for k in range(exit_cut + 1, end + 1)):
                 continue
             if all(self.plain(k) for k in range(self.cut_before(first) + 1, exit_cut + 1)):
@@ -297,13 +300,13 @@ def detect_stage_cuts(facts: GraphFacts) -> list[tuple[int, int]]:
     last_cut = len(facts.cuts) - 1
     first_drop = next((k for k in range(1, last_cut + 1) if facts.drops(k)), None)
     example = suggest_stage_ranges(facts.gm) or "FIRST:LAST,..."
+    end = max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1)  # the head follows
     if first_drop is None:
-        _refuse_hidden_drops(facts, 0, max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1), example)
+        _refuse_hidden_drops(facts, 0, end, example)
         raise NoDownsamplingError(
             f"the network never lowers its resolution, so it has no stages to find; "
             f"name them by module paths, e.g. --stages {example}"
         )
-    end = max(k for k in range(last_cut + 1) if (facts.resolution(k) or 0) > 1)  # the head follows
     if end == last_cut:  # dense prediction: the output has positions, and the head is the decoder
         end = next((k - 1 for k in range(first_drop + 1, end + 1) if facts.grows(k)), end)
     while end > first_drop and not facts.at_module_edge(end):
@@ -388,7 +391,6 @@ def block_cuts(facts: GraphFacts, stages: Sequence[tuple[int, int]]) -> list[tup
 
 def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[tuple[int, int]]:
     """Cut indices of user-named module ranges, with one-line errors for every way to get it wrong."""
-    cut_index = {facts.pos[c]: k for k, c in enumerate(facts.cuts)}
     known = [name for name, _ in facts.gm.named_modules() if name]
     stages = []
     for first_module, last_module in ranges:
@@ -404,13 +406,13 @@ def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[t
         start, end = facts.spans[first_module][0], facts.spans[last_module][1]
         if end < start:
             raise StageError(f"stage range {first_module}:{last_module} is backwards: '{last_module}' runs before '{first_module}'")
-        if end not in cut_index:
+        if end not in facts.cut_at:
             raise StageError(
                 f"a stage cannot end at '{last_module}': its output is not on the main path "
                 "(another branch joins after it); end the stage at a later module"
             )
         a = max(k for k, c in enumerate(facts.cuts) if facts.pos[c] < start)
-        b = cut_index[end]
+        b = facts.cut_at[end]
         if stages and a != stages[-1][1]:
             prev = ranges[len(stages) - 1]
             problem = "overlaps" if a < stages[-1][1] else "leaves a gap after"
