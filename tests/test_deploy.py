@@ -162,25 +162,56 @@ def test_shifted_windows_export_on_a_sub_batch():
 
 
 class TokenMixer(torch.nn.Module):
-    """A stage block that reshapes with the batch kept and one size inferred
-    (`x.reshape(B, C, -1)`, as timm's Swin does)."""
+    """A stage block that reshapes with one size inferred: the batch kept
+    (`x.reshape(B, C, -1)`, timm's Swin) or folded into another axis
+    (`x.reshape(B * P, N, -1)`, MobileViT's patches)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, fold_batch: bool) -> None:
         super().__init__()
         self.mix = torch.nn.Linear(channels, channels)
+        self.fold_batch = fold_batch
 
     def forward(self, x):
         b, c, h, w = x.shape
+        if self.fold_batch:  # one token sequence per (sample, row)
+            tokens = x.permute(0, 2, 3, 1).reshape(b * h, w, -1)
+            return x + self.mix(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
         tokens = x.reshape(b, c, -1).transpose(1, 2)
         return x + self.mix(tokens).transpose(1, 2).reshape(b, c, h, w)
 
 
-def test_a_batch_keeping_reshape_exports_with_empty_procedures():
-    """Inferring the -1 from the sub-batch would divide by it: the exported program would
-    assert that no procedure is empty."""
+class MaskedAttention(torch.nn.Module):
+    """Self-attention over positions with an additive mask of batch 1 (a relative-position
+    bias, as timm's CoAtNet and MaxViT pass to `F.scaled_dot_product_attention`)."""
+
+    def __init__(self, channels: int, positions: int) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Conv2d(channels, 3 * channels, 1)
+        self.register_buffer("bias", torch.randn(1, 1, positions, positions))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
+        mixed = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return x + mixed.transpose(-1, -2).reshape(b, c, h, w)
+
+
+BLOCKS_NEEDING_CARE = {
+    "batch_kept_reshape": lambda c, side: TokenMixer(c, fold_batch=False),
+    "batch_folded_reshape": lambda c, side: TokenMixer(c, fold_batch=True),
+    "masked_attention": lambda c, side: MaskedAttention(c, side * side),
+}
+
+
+@pytest.mark.parametrize("block", list(BLOCKS_NEEDING_CARE))
+def test_blocks_whose_ops_check_the_batch_export_with_empty_procedures(block):
+    """Inferring a -1 from the sub-batch divides by it, and SDPA checks that a mask of batch 1
+    broadcasts: either would make the program guard on, or assert, a nonempty procedure."""
     torch.manual_seed(0)
+    make = BLOCKS_NEEDING_CARE[block]
     conv = lambda cin, cout: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, 2, 1), torch.nn.ReLU())
-    base = torch.nn.Sequential(conv(3, 8), TokenMixer(8), conv(8, 8), TokenMixer(8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    sides = [SIZE[-1] // 2, SIZE[-1] // 4]
+    base = torch.nn.Sequential(conv(3, 8), make(8, sides[0]), conv(8, 8), make(8, sides[1]), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
     gm = rmn_fx.transform(base, branches=3, input_size=SIZE).eval()
     spread_routes(gm, torch.randn(3, *SIZE, generator=torch.Generator().manual_seed(1)))
     program = rmn_fx.export(gm, "pt2")
@@ -189,13 +220,22 @@ def test_a_batch_keeping_reshape_exports_with_empty_procedures():
     assert rows[0].procedures_used == [1] * len(routed_stages(gm))  # the others were empty
 
 
-def test_per_sample_shape_resolves_only_batch_keeping_reshapes():
-    from rmn_fx.deploy.subbatch_ops import per_sample_shape
+def test_resolved_shape_fills_in_the_inferred_size_only_where_the_batch_cancels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from rmn_fx.deploy.subbatch_ops import resolved_shape
 
     x = torch.randn(4, 6, 5)
-    assert per_sample_shape(x, (4, -1, 3)) == (4, 10, 3)
-    assert per_sample_shape(x, (-1, 3)) is None  # the batch is folded: the op infers it
-    assert per_sample_shape(x, (4, 30)) is None  # nothing to infer
+    assert resolved_shape(x, (4, -1, 3)) == (4, 10, 3)
+    assert resolved_shape(x, (4, 30)) is None  # nothing to infer
+    env = ShapeEnv()
+    with FakeTensorMode(shape_env=env):  # a sub-batch as torch.export sees it: its size unknown
+        batch = env.create_unbacked_symint()
+        sub_batch = torch.empty(batch, 6, 5)
+    assert resolved_shape(sub_batch, (batch, -1, 3)) == (batch, 10, 3)
+    assert resolved_shape(sub_batch, (batch * 2, 5, -1)) == (batch * 2, 5, 3)  # the batch folded into an axis
+    assert resolved_shape(sub_batch, (-1, 3)) is None  # 10 * batch rows: depends on the batch
     with ExportableOps():
         assert torch.equal(x.reshape(4, -1, 3), x.reshape(4, 10, 3)) and x.view(4, 2, -1).shape == (4, 2, 15)
 

@@ -11,9 +11,14 @@ inference does not need, and torch.export refuses the branch
   unknown batch; the ATen op it then calls has no such branch;
 - `torch.roll` (Swin's shifted windows) returns early on `numel() == 0`; a roll is a
   gather along each rolled dimension, whose size is the sample's (known), not the batch's;
-- a reshape that keeps the batch and infers another size (`x.reshape(B, -1, C)`, timm's
-  Swin) divides by the batch, which must then be nonzero (a runtime assert that an empty
-  procedure fails); the inferred size is the sample's, so it is computed per sample.
+- a reshape that infers a size (`x.reshape(B, -1, C)` in timm's Swin, or
+  `x.reshape(B * P, N, -1)` in MobileViT, the batch folded into another axis) divides by
+  the batch, which must then be nonzero (a runtime assert that an empty procedure fails);
+  where the batch cancels out of that division, the inferred size is a constant, so it is
+  given as one (`resolved_shape`);
+- scaled dot-product attention checks whether a mask of batch 1 broadcasts against the
+  query's batch (`sdp::check_attn_mask_shape`, a guard on the sub-batch being 1); the mask
+  expanded to the query's leading sizes (a view) needs no such check.
 The mode below routes those calls while it is active, whoever makes them (nn.BatchNorm*,
 timm's BatchNormAct2d and GroupNormAct, functional code, Tensor methods), and leaves
 training-mode BatchNorm alone.
@@ -23,9 +28,9 @@ from __future__ import annotations
 
 import math
 
+import sympy
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.overrides import TorchFunctionMode
 
 
@@ -61,29 +66,47 @@ def gathered_roll(input, shifts, dims=None):
 RESHAPES = (torch.reshape, torch.Tensor.reshape, torch.Tensor.view)
 
 
-def per_sample_shape(input: torch.Tensor, shape) -> tuple | None:
-    """`shape` with its -1 resolved from the sizes of one sample, when it keeps `input`'s
-    batch as its first size; None when it does not (then the op infers it as usual)."""
-    if not shape or -1 not in shape[1:] or not statically_known_true(shape[0] == input.shape[0]):
+def resolved_shape(input: torch.Tensor, shape) -> tuple | None:
+    """`shape` with its -1 replaced by the size it infers, when that size is the same
+    for every batch (the batch cancels out of numel / known sizes); None when there is no -1
+    or the size depends on the batch (then the op infers it as usual)."""
+    if -1 not in shape:
         return None
-    known = math.prod(d for d in shape[1:] if d != -1)
-    per_sample = math.prod(input.shape[1:])
-    if known == 0 or not statically_known_true(per_sample % known == 0):
+    known = math.prod(d for d in shape if d != -1)
+    if isinstance(known, int) and known == 0:
         return None
-    return tuple(per_sample // known if d == -1 else d for d in shape)
+    inferred = _expr(input.numel()) / _expr(known)
+    if not (inferred.is_Integer and inferred > 0):
+        return None
+    return tuple(int(inferred) if d == -1 else d for d in shape)
+
+
+def _expr(size) -> sympy.Expr:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
 
 
 def _reshape(func, args, kwargs):
     input, *rest = args
     shape = kwargs.get("shape", rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest)
-    resolved = per_sample_shape(input, tuple(shape)) if isinstance(input, torch.Tensor) and not kwargs.keys() - {"shape"} else None
+    resolved = resolved_shape(input, tuple(shape)) if isinstance(input, torch.Tensor) and not kwargs.keys() - {"shape"} else None
     return func(*args, **kwargs) if resolved is None else func(input, resolved)
+
+
+SDPAS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+def broadcast_mask_attention(query, key, value, attn_mask=None, *args, **kwargs):
+    """Scaled dot-product attention with a batched mask expanded to the query's leading sizes."""
+    if attn_mask is not None and 2 < attn_mask.dim() <= query.dim():
+        attn_mask = attn_mask.expand(*query.shape[:-2], *attn_mask.shape[-2:])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs)
 
 
 class ExportableOps(TorchFunctionMode):
     """Inside the block, inference-mode `F.batch_norm` runs as `affine_batch_norm`,
-    `F.group_norm` as `unchecked_group_norm`, `torch.roll` as `gathered_roll`, and a
-    batch-keeping reshape gets its inferred size per sample (`per_sample_shape`)."""
+    `F.group_norm` as `unchecked_group_norm`, `torch.roll` as `gathered_roll`, attention
+    with a mask as `broadcast_mask_attention`, and a reshape whose inferred size does not
+    depend on the batch gets that size as a constant (`resolved_shape`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -95,6 +118,8 @@ class ExportableOps(TorchFunctionMode):
             return gathered_roll(*args, **kwargs)
         if func in RESHAPES:
             return _reshape(func, args, kwargs)
+        if func in SDPAS:
+            return broadcast_mask_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
 
