@@ -53,6 +53,7 @@ from rmn_fx.nn.layout import FeatureLayout
 from .infra import PassBase, PassResult
 from .main_path import main_path
 from .shape_prop import carries_tensors, tensor_shape
+from .side_values import batch_dependent
 
 DROP_FACTOR = 1.5
 GRANULARITIES = ("stage", "block")
@@ -74,6 +75,8 @@ class Stage:
     in_layout: FeatureLayout
     out_layout: FeatureLayout
     params: int
+    side_inputs: tuple[str, ...] = ()  # batch-independent values computed before the stage that it reads
+    side_outputs: tuple[str, ...] = ()  # batch-independent non-tensor values it hands on beside its output
 
     @property
     def name(self) -> str:
@@ -135,6 +138,7 @@ class GraphFacts:
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.cuts = main_path(graph_module.graph)
         self.cut_at = {self.pos[c]: k for k, c in enumerate(self.cuts)}  # node position -> cut index
+        self.from_input = _descendants(self.cuts[0])  # the nodes computed from the input, the input included
         self.spans, self.splittable, self.delegating = self._module_spans()
         self._edges = [self._at_module_edge(k) for k in range(len(self.cuts))]
         self._reads = self._last_reads()
@@ -201,8 +205,9 @@ class GraphFacts:
 
     def plain(self, k: int) -> bool:
         """Segment k is one layer (a conv, a norm, an activation, a pool): no block, branch
-        or residual, which would put more than one tensor node between two cuts."""
-        return sum(1 for n in self.segment(k) if carries_tensors(n)) == 1
+        or residual, which would put more than one tensor node computed from the input
+        between two cuts (a table computed from weights alone does not count)."""
+        return sum(1 for n in self.segment(k) if carries_tensors(n) and n in self.from_input) == 1
 
     def plain_stem_end(self, first_drop: int, end: int) -> int | None:
         """The end of the outermost module holding the first drop that is a chain of plain
@@ -277,6 +282,16 @@ class GraphFacts:
             for path, (first, last) in self.spans.items()
             if path not in self.splittable
         )
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
 
 
 def _owns_weight_matrix(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -437,16 +452,16 @@ def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int) -> Stage:
     entry, exit_ = facts.cuts[a], facts.cuts[b]
     members = facts.nodes[facts.pos[entry] + 1 : facts.pos[exit_] + 1]
     inside = set(members)
-    for node in members:
-        for source in node.all_input_nodes:
-            if source not in inside and source is not entry and source.op != "get_attr":
-                raise StageError(
-                    f"stage {index} (nodes {members[0].name}..{exit_.name}) reads '{source.name}', computed "
-                    "outside it; a routed stage may depend on its input only - choose other boundaries"
-                )
-        if node is not exit_ and any(user not in inside for user in node.users):
+    side_inputs = {
+        source: None for node in members for source in node.all_input_nodes
+        if source not in inside and source is not entry and source.op != "get_attr"
+    }
+    side_outputs = [node for node in members if node is not exit_ and any(user not in inside for user in node.users)]
+    for node in side_outputs:
+        if carries_tensors(node):
             raise StageError(
-                f"stage {index} leaks '{node.name}' to later nodes; a stage must have one output - choose other boundaries"
+                f"stage {index} (nodes {members[0].name}..{exit_.name}) hands tensor '{node.name}' on to later nodes "
+                "beside its output; a routed stage gives one tensor (each procedure would compute its own) - choose other boundaries"
             )
     layouts = [entry.meta.get("rmn_layout"), exit_.meta.get("rmn_layout")]
     for node, layout in zip((entry, exit_), layouts):
@@ -475,6 +490,26 @@ def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int) -> Stage:
         in_layout=layouts[0],
         out_layout=layouts[1],
         params=sum(p.numel() for p in params.values()),
+        side_inputs=tuple(n.name for n in side_inputs),
+        side_outputs=tuple(n.name for n in side_outputs),
+    )
+
+
+def _refuse_batch_dependent_side_values(facts: GraphFacts, stages: Sequence[Stage]) -> None:
+    """A stage's procedures share the values it reads beside its input and hand on one
+    procedure's values beside their output: refuse any that changes with the batch."""
+    node_of = {n.name: n for n in facts.nodes}
+    side = [node_of[name] for stage in stages for name in (*stage.side_inputs, *stage.side_outputs)]
+    dependent = batch_dependent(facts.gm, side)
+    if not dependent:
+        return
+    node = dependent[0]
+    stage = next(s for s in stages if node.name in s.side_inputs or node.name in s.side_outputs)
+    role = "reads" if node.name in stage.side_inputs else "hands on to later nodes"
+    where = "computed before it" if node.name in stage.side_inputs else "beside its output"
+    raise StageError(
+        f"stage {stage.index} (nodes {stage.nodes[0]}..{stage.exit}) {role} '{node.name}', {where}, whose value changes "
+        "with the batch (its samples or their number), so its procedures cannot share it - choose other boundaries"
     )
 
 
@@ -508,6 +543,7 @@ class FindStages(PassBase):
         if self.granularity == "block" and not self.plan:  # a plan already holds the blocks
             cut_ranges = block_cuts(facts, cut_ranges)
         stages = [_stage_from_cuts(facts, i + 1, a, b) for i, (a, b) in enumerate(cut_ranges)]
+        _refuse_batch_dependent_side_values(facts, stages)
         first_entry = facts.pos[facts.cuts[cut_ranges[0][0]]]
         last_exit = facts.pos[facts.cuts[cut_ranges[-1][1]]]
         part_of = {name: stage.name for stage in stages for name in stage.nodes}

@@ -4,7 +4,10 @@ Reads the `rmn_part` annotation of `FindStages` and returns a new GraphModule wh
 top-level code reads stem -> stage_1 -> ... -> stage_S -> head; each part is a
 GraphModule that keeps the original module paths below it (`stage_1.layer1.0.conv1`).
 Values that skip parts (a batch size read at the stem and used by the head) are passed
-along; `get_attr` nodes are copied into every part that reads them.
+along; `get_attr` nodes are copied into every part that reads them. A stage takes its
+input tensor first, then its side inputs, and gives its output first, then its side
+outputs (see `Stage`), so that a routed stage can tell the tensor it routes from the
+batch-independent values beside it.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from torch import fx, nn
 from .infra import PassBase, PassResult
 
 
-def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str):
-    """Copy `nodes` into a GraphModule; returns it with its outer inputs and outputs."""
+def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str, first_inputs=(), first_output=None):
+    """Copy `nodes` into a GraphModule; returns it with its outer inputs and outputs, the
+    `first_inputs` (outer nodes) leading the inputs and `first_output` leading the outputs."""
     members = set(nodes)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     inputs: list[fx.Node] = []
+    for source in first_inputs:
+        inputs.append(source)
+        env[source] = graph.placeholder(source.name)
 
     def lookup(source: fx.Node) -> fx.Node:
         if source not in env:
@@ -38,6 +45,8 @@ def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str):
                 lookup(source)
         env[node] = graph.node_copy(node, lookup)
     outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    if first_output is not None:
+        outputs = [first_output] + [n for n in outputs if n is not first_output]
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[n] for n in outputs))
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=name), inputs, outputs
@@ -63,6 +72,8 @@ class OutlineParts(PassBase):
         top = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         parts = nn.Module()
+        stages = {stage.name: stage for stage in graph_module.meta["rmn_stages"]}
+        node_of = {n.name: n for n in graph_module.graph.nodes}
         for node in graph_module.graph.nodes:
             if node.op == "placeholder":
                 env[node] = top.node_copy(node, env.__getitem__)
@@ -70,7 +81,11 @@ class OutlineParts(PassBase):
             nodes = [
                 n for n in graph_module.graph.nodes if n.meta.get("rmn_part") == part and n.op != "get_attr"
             ]
-            submodule, inputs, outputs = _extract_part(graph_module, nodes, part)
+            stage = stages.get(part)
+            ends = {}
+            if stage is not None:
+                ends = {"first_inputs": [node_of[n] for n in (stage.entry, *stage.side_inputs)], "first_output": node_of[stage.exit]}
+            submodule, inputs, outputs = _extract_part(graph_module, nodes, part, **ends)
             parts.add_module(part, submodule)
             call = top.call_module(part, tuple(env[i] for i in inputs))
             if len(outputs) == 1:
@@ -88,5 +103,6 @@ class OutlineParts(PassBase):
     def ensures(self, graph_module: fx.GraphModule) -> None:
         for stage in graph_module.meta["rmn_stages"]:
             sub = graph_module.get_submodule(stage.name)
-            if sum(n.op == "placeholder" for n in sub.graph.nodes) != 1:
-                raise AssertionError(f"{stage.name} must take exactly one input")
+            inputs = [n.name for n in sub.graph.nodes if n.op == "placeholder"]
+            if inputs != [stage.entry, *stage.side_inputs]:
+                raise AssertionError(f"{stage.name} must take its input, then its side inputs; it takes {inputs}")

@@ -46,6 +46,8 @@ def part_spec(stage: Stage, receives_paths: bool = False, emits_paths: bool = Fa
         out_shape=tuple(stage.out_shape[1:]),
         receives_paths=receives_paths,
         emits_paths=emits_paths,
+        side_inputs=len(stage.side_inputs),
+        side_outputs=len(stage.side_outputs),
     )
 
 

@@ -47,16 +47,20 @@ def _plain(value):
     return value
 
 
-class _ShapeRecorder(fx.Interpreter):
+class PlainArgsInterpreter(fx.Interpreter):
+    """An interpreter that passes every node the arguments the generated code passes it."""
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        """Plain lists and dicts, not fx's immutable ones (a wrapped function may mutate
+        them, as Swin3D's window sizes)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _plain(args), _plain(kwargs)
+
+
+class _ShapeRecorder(PlainArgsInterpreter):
     """Runs the graph and stores the shapes of what every node produces."""
 
     current: fx.Node | None = None
-
-    def fetch_args_kwargs_from_env(self, n: fx.Node):
-        """The node's arguments as the generated code passes them: plain lists and dicts, not
-        fx's immutable ones (a wrapped function may mutate them, as Swin3D's window sizes)."""
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return _plain(args), _plain(kwargs)
 
     def run_node(self, n: fx.Node):
         self.current = n

@@ -117,10 +117,11 @@ def run_with_procedure_costs(converted: nn.Module, x: torch.Tensor) -> tuple[obj
     sample."""
     from .nn.routed_stage import routed_stages
 
-    inputs, calls = {}, {}
+    inputs, side, calls = {}, {}, {}
 
     def record_input(stage, args):
         inputs[stage] = args[0][0] if isinstance(args[0], tuple) else args[0]
+        side[stage] = args[1:]
 
     def count_call(stage):
         return lambda procedure, args: calls.__setitem__(stage, calls.get(stage, 0) + 1)
@@ -133,10 +134,11 @@ def run_with_procedure_costs(converted: nn.Module, x: torch.Tensor) -> tuple[obj
     costs = []
     for stage in stages:
         batch = inputs[stage].shape[0]
-        whole = flop_counts(stage.procedures[0], inputs[stage])[0]
+        with stage.side_inputs(side[stage]):
+            whole = flop_counts(stage.procedures[0], inputs[stage])[0]
+            one = flop_counts(stage.procedures[0], inputs[stage][:1])[0] if batch > 1 else whole
         per_sample, per_call = whole, 0  # one sample: the two parts cannot be told apart, nor need to be
         if batch > 1:
-            one = flop_counts(stage.procedures[0], inputs[stage][:1])[0]
             per_sample = (whole - one) / (batch - 1)
             per_call = one - per_sample
         costs.append(ProcedureCost(per_sample, per_call, calls.get(stage, 0)))

@@ -8,7 +8,10 @@ global pooling + linear (a classifier), or a per-position 1x1 conv whose output 
 upsampled to the input's size (segmentation; the conv belongs to the last stage, the
 upsampling is the head). Blocks are plain, residual or concatenation blocks, with
 BatchNorm or GroupNorm and optional squeeze-excitation. Images use 2-D layers; videos
-(`frames`) 3-D ones that downsample space only, as R3D's stem does.
+(`frames`) 3-D ones that downsample space only, as R3D's stem does. With `side_values`,
+the stages pass batch-independent values beside the tensor, as MViT's blocks do: each
+stage reads the sizes its predecessor handed on (the stem's, for the first) and a gain
+vector computed before the stages, and hands on its own output's sizes.
 """
 
 from __future__ import annotations
@@ -93,6 +96,21 @@ class Block(nn.Module):
         return torch.relu(y)
 
 
+class SizedStage(nn.Module):
+    """A stage that reads the sizes of its input (handed on by the stage before it) and a
+    gain computed before the stages, and hands on its output's sizes (MViT's (T, H, W))."""
+
+    def __init__(self, layers: Layers, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.gain_shape = (-1,) + (1,) * layers.dims  # over the channels, broadcast over the positions
+
+    def forward(self, x, sizes, gain):
+        x = self.blocks(x.narrow(-1, 0, sizes[-1]))  # as wide as the last stage left it: the sizes are read
+        sizes = x.shape[2:]
+        return x * gain[: x.shape[1]].view(self.gain_shape), sizes
+
+
 @dataclass
 class StageSpec:
     downsample: str | None
@@ -113,6 +131,7 @@ class BackboneSpec:
     input_side: int
     frames: int | None = None  # a video backbone, fed clips of this many frames
     dense: bool = False  # a segmentation head instead of a classifier
+    side_values: bool = False  # stages read and hand on batch-independent values (`SizedStage`)
     classes: int = 5
     expected: list[tuple[str, ...]] = field(default_factory=list)
 
@@ -133,9 +152,13 @@ class BackboneSpec:
     def expected_blocks(self) -> list[tuple[str, ...]]:
         """The parts of granularity "block": every block of every stage; a pool that opens a
         stage belongs to its first block, a conv downsampling is a block of its own, and so
-        are the last stage's 1x1 convs (head_conv, a segmentation head's classifier)."""
+        are the last stage's 1x1 convs (head_conv, a segmentation head's classifier). With
+        side values: the stages, which no block cut may split."""
         blocks = []
         for i, stage in enumerate(self.stages):
+            if self.side_values:  # a SizedStage computes tensors itself (it is no container): no block cut splits it
+                blocks.append((f"stages.{i}",))
+                continue
             names = [f"stages.{i}.{j}" for j in range(len(stage.blocks) + (stage.downsample in ("pool", "conv")))]
             if stage.downsample == "pool":
                 names[:2] = [tuple(names[:2])]
@@ -166,8 +189,9 @@ class Backbone(nn.Module):
                 stride = 2 if i == 0 and s.downsample == "block" else 1
                 stage.append(Block(layers, kind, cin, s.width, stride, spec.norm, s.se[i]))
                 cin = s.width
-            stages.append(nn.Sequential(*stage))
+            stages.append(SizedStage(layers, *stage) if spec.side_values else nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
+        self.gain = nn.Parameter(torch.linspace(-1.0, 1.0, max(s.width for s in spec.stages))) if spec.side_values else None
         self.head_conv = nn.Sequential(layers.conv(cin, 2 * cin, 1), nn.ReLU()) if spec.head_conv else None
         features = 2 * cin if spec.head_conv else cin
         self.dense = spec.dense
@@ -177,7 +201,14 @@ class Backbone(nn.Module):
             self.head = nn.Sequential(layers.global_pool(), nn.Flatten(), nn.Linear(features, spec.classes))
 
     def forward(self, x):
-        y = self.stages(self.stem(x))
+        gain = None if self.gain is None else 1.0 + torch.tanh(self.gain)  # batch-independent, computed before the stages
+        y = self.stem(x)
+        if gain is None:
+            y = self.stages(y)
+        else:
+            sizes = y.shape[2:]
+            for stage in self.stages:
+                y, sizes = stage(y, sizes, gain)
         if self.head_conv is not None:
             y = self.head_conv(y)
         if self.dense:
@@ -220,6 +251,7 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
         input_side=2**drops * draw(st.sampled_from([2, 3, 4])),
         frames=draw(st.sampled_from([None, None, None, 1, 3])),
         dense=draw(st.sampled_from([False, False, True])),
+        side_values=draw(st.sampled_from([False, False, True])),
     )
     spec.expected = [(f"stages.{i}",) for i in range(count)]
     spec.expected[-1] += ("head_conv",) * spec.head_conv + ("head",) * spec.dense

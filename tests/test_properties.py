@@ -57,7 +57,9 @@ def test_block_granularity_routes_every_block_exactly(rule, options, spec, branc
         assert max_relative_error(base(x), gm(x)) <= 1e-5
     blocks = gm.meta["rmn_stages"]
     assert len(routed_stages(gm)) == len(blocks)
-    chain = [(rule != "memory" and i > 0, rule != "memory" and i < len(blocks) - 1) for i in range(len(blocks))]
+    # paths flow from block to block, except into a SizedStage, which reads side values beside its input
+    flows = [rule != "memory" and i > 0 and not (spec.side_values and names[0].startswith("stages.")) for i, names in enumerate(spec.expected_blocks)]
+    chain = [(flows[i], i + 1 < len(blocks) and flows[i + 1]) for i in range(len(blocks))]
     assert links(gm) == chain  # paths flow block to block
     assert count_params(gm) == count_params(base) + sum((branches - 1) * s.params + rule_params(rule, options, s, branches, *link) for s, link in zip(blocks, chain))
 
@@ -72,8 +74,8 @@ def test_conversion_preserves_function_flops_and_parameter_anatomy(rule, options
         assert max_relative_error(base(x), gm(x)) <= 1e-5  # routes spread, rule weights random
 
     stages = gm.meta["rmn_stages"]
-    multipath = rule.startswith("cross")
-    chain = [(multipath and i > 0, multipath and i < len(stages) - 1) for i in range(len(stages))]
+    flows = rule.startswith("cross") and not spec.side_values  # paths flow only where a stage reads nothing but its input
+    chain = [(flows and i > 0, flows and i < len(stages) - 1) for i in range(len(stages))]
     assert links(gm) == chain  # generated backbones are chains: paths flow through every stage
     extra_params = sum((n - 1) * s.params + rule_params(rule, options, s, n, *link) for s, link in zip(stages, chain))
     assert count_params(gm) == count_params(base) + extra_params
@@ -95,7 +97,8 @@ def test_paths_are_combined_before_every_stage_that_is_not_routed(rule, spec, br
     with torch.no_grad():
         assert max_relative_error(base(x), gm(x)) <= 1e-5
     routed = sorted(routed)
-    assert links(gm) == [(i - 1 in routed, i + 1 in routed) for i in routed]
+    flows = not spec.side_values
+    assert links(gm) == [(flows and i - 1 in routed, flows and i + 1 in routed) for i in routed]
     stages = {s.index: s for s in gm.meta["rmn_stages"]}
     extra = sum((branches - 1) * stages[i].params + rule_params(rule, {}, stages[i], branches, *link) for i, link in zip(routed, links(gm)))
     assert count_params(gm) == count_params(base) + extra

@@ -131,16 +131,9 @@ def test_stages_agree_with_timm_feature_info(name):
     assert_feature_info_levels_end_stages(name)
 
 
-MVIT = "MViT's blocks pass the (T, H, W) sizes beside the tokens: a boundary of two values, not yet a cut (issue 12, parts 1-2)"
-
-
 @pytest.mark.zoo
 @pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=MVIT)) if n.startswith("mvit") else n
-        for n in (*torchvision_names(), *torchvision_names("segmentation"), *torchvision_names("video"), *torchvision_names("quantization"))
-    ],
+    "name", [*torchvision_names(), *torchvision_names("segmentation"), *torchvision_names("video"), *torchvision_names("quantization")]
 )
 def test_every_torchvision_model(name):
     assert_properties(check(f"torchvision:{name}", branches=2, sides=(64, 128, 224)))

@@ -10,10 +10,19 @@ its procedure computes, whatever the rule's initial parameters.
 Phases (`set_phase`): in "stem" (the first step of every recipe) each sample runs through
 procedure 0 alone, as in the base network; in "routed" (the default) the rule decides.
 The phase is not in the state dict: the training checkpoint records it.
+
+Side values: a part may read values computed before it beside its input (grid sizes,
+position tables, masks) and hand on non-tensor values beside its output (MViT's pooled
+(T, H, W)); the stage rule admits only values that do not change with the batch. The
+stage takes them after its input and gives them after its output; every procedure reads
+the same side inputs, and the side outputs are those of the procedure that ran last. The
+rules see procedures of one tensor in and one tensor out: hooks on each procedure add the
+side inputs to its call and set its side outputs aside (`side_inputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +54,8 @@ class PartSpec:
     out_shape: tuple[int, ...] = ()  # one sample's output shape
     receives_paths: bool = False
     emits_paths: bool = False
+    side_inputs: int = 0  # batch-independent values the part reads beside its input
+    side_outputs: int = 0  # batch-independent values it hands on beside its output
 
 
 class RoutedStage(nn.Module):
@@ -61,6 +72,35 @@ class RoutedStage(nn.Module):
         self._phase = "routed"
         self._every_procedure = False
         self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(config.branches - 1)])
+        self._side_inputs: tuple | None = None  # while a forward runs: the values beside its input
+        self._side_outputs: tuple = ()  # after a procedure ran: the values beside its output
+        if spec.side_inputs or spec.side_outputs:
+            for clone in self.procedures:
+                clone.register_forward_pre_hook(self._add_side_inputs)
+                clone.register_forward_hook(self._set_side_outputs_aside)
+
+    @contextlib.contextmanager
+    def side_inputs(self, values: tuple):
+        """Inside the block, every procedure called alone (`procedures[j](x)`) also reads
+        `values`, the part's side inputs (what `forward` does around the rule)."""
+        if len(values) != self.spec.side_inputs:
+            raise TypeError(f"{type(self).__name__} reads {self.spec.side_inputs} side inputs beside its input, got {len(values)}")
+        self._side_inputs = tuple(values)
+        try:
+            yield
+        finally:
+            self._side_inputs = None
+
+    def _add_side_inputs(self, procedure, args):
+        if self._side_inputs is None:
+            raise RuntimeError("this procedure reads side inputs: call it inside `stage.side_inputs(values)` or through the stage")
+        return (*args, *self._side_inputs)
+
+    def _set_side_outputs_aside(self, procedure, args, output):
+        if not self.spec.side_outputs:
+            return output
+        self._side_outputs = tuple(output[1:])
+        return output[0]
 
     def place_like_procedure(self, *modules: nn.Module | None) -> None:
         """Move the rule's own modules to the procedure's device and floating dtype."""
@@ -154,10 +194,12 @@ class RoutedStage(nn.Module):
         """A sample's summary for routing: the global average of the part's input, [B, C]."""
         return LAYOUTS[self.in_layout].pool(x)
 
-    def forward(self, x):
-        if self._phase == "stem":
-            return self.stem_forward(x)
-        return self.routed_forward(x)
+    def forward(self, x, *side_inputs):
+        if not (self.spec.side_inputs or self.spec.side_outputs):
+            return self.stem_forward(x) if self._phase == "stem" else self.routed_forward(x)
+        with self.side_inputs(side_inputs):
+            y = self.stem_forward(x) if self._phase == "stem" else self.routed_forward(x)
+        return (y, *self._side_outputs) if self.spec.side_outputs else y
 
     def stem_forward(self, x):
         return self.procedures[0](x)

@@ -1,0 +1,68 @@
+"""Analysis: are the values a stage reads or hands on beside its tensor batch-independent?
+
+A routed stage runs each procedure on its share of the batch. A value it reads that was
+computed before it (a grid size, a position table, an attention mask) is passed unchanged
+to every procedure, and a value it hands on to later parts beside its output (MViT's
+pooled (T, H, W)) is taken from whichever procedure ran. Both are right only if the value
+is the same for every batch: neither the samples nor their number may change it. Two
+probes with other batch sizes and other contents show which values do change; a value
+that stays the same on both (and a shape-derived integer cannot do otherwise) is treated
+as independent of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+from rmn_fx.nn.modes import training_mode
+
+from .main_path import image_input
+from .shape_prop import PlainArgsInterpreter, sample_input, tensor_shape
+
+PROBES = ((3, 1), (4, 2))  # (batch, seed): batch sizes and contents unlike the shape sample's
+
+
+class _ValueRecorder(PlainArgsInterpreter):
+    """Runs the graph and keeps the values of the nodes asked for."""
+
+    def __init__(self, graph_module: fx.GraphModule, wanted: set[fx.Node]) -> None:
+        super().__init__(graph_module)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = result
+        return result
+
+
+def batch_dependent(graph_module: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """The nodes among `nodes` whose values differ between two probes of other batches."""
+    wanted = set(nodes)
+    if not wanted:
+        return []
+    example = image_input(graph_module.graph)
+    meta = example.meta["tensor_meta"]
+    runs = []
+    with training_mode(graph_module, False), torch.no_grad():
+        for batch, seed in PROBES:
+            probe = sample_input(tensor_shape(example)[1:], batch, seed).to(meta.dtype)
+            recorder = _ValueRecorder(graph_module, wanted)
+            recorder.run(probe)
+            runs.append(recorder.values)
+    first, second = runs
+    return [n for n in graph_module.graph.nodes if n in wanted and not same_value(first[n], second[n])]
+
+
+def same_value(a, b) -> bool:
+    """Equal values, tensors compared by shape and content, containers element by element."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
