@@ -39,6 +39,7 @@ node gets `meta["rmn_part"]`: "stem", "stage_<i>" or "head".
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ from rmn_fx.nn.layout import FeatureLayout
 from .infra import PassBase, PassResult
 from .main_path import main_path
 from .shape_prop import carries_tensors, tensor_shape
-from .side_values import batch_dependent
+from .side_values import BATCH_SIZE, INDEPENDENT, classify
 
 DROP_FACTOR = 1.5
 GRANULARITIES = ("stage", "block")
@@ -77,6 +78,7 @@ class Stage:
     params: int
     side_inputs: tuple[str, ...] = ()  # batch-independent values computed before the stage that it reads
     side_outputs: tuple[str, ...] = ()  # batch-independent non-tensor values it hands on beside its output
+    batch_sizes: tuple[str, ...] = ()  # the batch size, read before the stage: the stage reads its input's
 
     @property
     def name(self) -> str:
@@ -147,16 +149,21 @@ class GraphFacts:
         ]
 
     def _module_spans(self):
-        """Per module path: the positions of its first and last node; the paths a cut may
-        pass through (containers, leaf calls); and the paths whose forward computes no
-        tensor itself, only in submodules (timm's ConvNeXtStage, a stage wrapper)."""
+        """Per module path: the positions of its first and last tensor node; the paths a cut
+        may pass through (containers, leaf calls); and the paths whose forward computes no
+        tensor itself, only in submodules (timm's ConvNeXtStage, a stage wrapper).
+        Reading a shape is no computation of its own: a module that returns its output's
+        sizes beside it (MViT's (T, H, W)) still ends at its output, and the reads of those
+        sizes go with the part after it."""
         spans: dict[str, tuple[int, int]] = {}
         splittable: set[str] = {""}
         owners: set[str] = set()  # paths that are some node's innermost module
         leaves = {n.target for n in self.nodes if n.op == "call_module"}
         for i, node in enumerate(self.nodes):
+            if not carries_tensors(node):
+                continue
             stack = list(node.meta.get("nn_module_stack", {}).values())
-            if stack and carries_tensors(node):  # reading a shape is no computation of its own
+            if stack:
                 owners.add(stack[-1][0])
             for path, cls in stack:
                 first, _ = spans.get(path, (i, i))
@@ -495,22 +502,26 @@ def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int) -> Stage:
     )
 
 
-def _refuse_batch_dependent_side_values(facts: GraphFacts, stages: Sequence[Stage]) -> None:
+def _check_side_values(facts: GraphFacts, stages: Sequence[Stage]) -> list[Stage]:
     """A stage's procedures share the values it reads beside its input and hand on one
-    procedure's values beside their output: refuse any that changes with the batch."""
+    procedure's values beside their output: the batch size read before the stage becomes
+    the stage's own (its input's), and any other value that changes with the batch is refused."""
     node_of = {n.name: n for n in facts.nodes}
-    side = [node_of[name] for stage in stages for name in (*stage.side_inputs, *stage.side_outputs)]
-    dependent = batch_dependent(facts.gm, side)
-    if not dependent:
-        return
-    node = dependent[0]
-    stage = next(s for s in stages if node.name in s.side_inputs or node.name in s.side_outputs)
-    role = "reads" if node.name in stage.side_inputs else "hands on to later nodes"
-    where = "computed before it" if node.name in stage.side_inputs else "beside its output"
-    raise StageError(
-        f"stage {stage.index} (nodes {stage.nodes[0]}..{stage.exit}) {role} '{node.name}', {where}, whose value changes "
-        "with the batch (its samples or their number), so its procedures cannot share it - choose other boundaries"
-    )
+    kinds = classify(facts.gm, [node_of[name] for stage in stages for name in (*stage.side_inputs, *stage.side_outputs)])
+    checked = []
+    for stage in stages:
+        for name in (*stage.side_inputs, *stage.side_outputs):
+            kind = kinds[node_of[name]]
+            if kind == INDEPENDENT or (kind == BATCH_SIZE and name in stage.side_inputs):
+                continue
+            role, where = ("reads", "computed before it") if name in stage.side_inputs else ("hands on to later nodes", "beside its output")
+            raise StageError(
+                f"stage {stage.index} (nodes {stage.nodes[0]}..{stage.exit}) {role} '{name}', {where}, whose value changes "
+                "with the batch (its samples or their number), so its procedures cannot share it - choose other boundaries"
+            )
+        sizes = tuple(n for n in stage.side_inputs if kinds[node_of[n]] == BATCH_SIZE)
+        checked.append(dataclasses.replace(stage, side_inputs=tuple(n for n in stage.side_inputs if n not in sizes), batch_sizes=sizes))
+    return checked
 
 
 class FindStages(PassBase):
@@ -543,7 +554,7 @@ class FindStages(PassBase):
         if self.granularity == "block" and not self.plan:  # a plan already holds the blocks
             cut_ranges = block_cuts(facts, cut_ranges)
         stages = [_stage_from_cuts(facts, i + 1, a, b) for i, (a, b) in enumerate(cut_ranges)]
-        _refuse_batch_dependent_side_values(facts, stages)
+        stages = _check_side_values(facts, stages)
         first_entry = facts.pos[facts.cuts[cut_ranges[0][0]]]
         last_exit = facts.pos[facts.cuts[cut_ranges[-1][1]]]
         part_of = {name: stage.name for stage in stages for name in stage.nodes}

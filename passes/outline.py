@@ -7,7 +7,8 @@ Values that skip parts (a batch size read at the stem and used by the head) are 
 along; `get_attr` nodes are copied into every part that reads them. A stage takes its
 input tensor first, then its side inputs, and gives its output first, then its side
 outputs (see `Stage`), so that a routed stage can tell the tensor it routes from the
-batch-independent values beside it.
+batch-independent values beside it; where it read the batch size from before it, it reads
+its input's (`x.size(0)`), which a routed stage's procedure sees as its sub-batch's.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from torch import fx, nn
 from .infra import PassBase, PassResult
 
 
-def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str, first_inputs=(), first_output=None):
+def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str, first_inputs=(), first_output=None, batch_sizes=()):
     """Copy `nodes` into a GraphModule; returns it with its outer inputs and outputs, the
-    `first_inputs` (outer nodes) leading the inputs and `first_output` leading the outputs."""
+    `first_inputs` (outer nodes) leading the inputs and `first_output` leading the outputs.
+    The outer `batch_sizes` become the batch size of the first input, read inside."""
     members = set(nodes)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -29,6 +31,8 @@ def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str, first_inp
     for source in first_inputs:
         inputs.append(source)
         env[source] = graph.placeholder(source.name)
+    for source in batch_sizes:
+        env[source] = graph.call_method("size", (env[first_inputs[0]], 0))
 
     def lookup(source: fx.Node) -> fx.Node:
         if source not in env:
@@ -84,7 +88,11 @@ class OutlineParts(PassBase):
             stage = stages.get(part)
             ends = {}
             if stage is not None:
-                ends = {"first_inputs": [node_of[n] for n in (stage.entry, *stage.side_inputs)], "first_output": node_of[stage.exit]}
+                ends = {
+                    "first_inputs": [node_of[n] for n in (stage.entry, *stage.side_inputs)],
+                    "first_output": node_of[stage.exit],
+                    "batch_sizes": [node_of[n] for n in stage.batch_sizes],
+                }
             submodule, inputs, outputs = _extract_part(graph_module, nodes, part, **ends)
             parts.add_module(part, submodule)
             call = top.call_module(part, tuple(env[i] for i in inputs))

@@ -7,7 +7,9 @@ pooled (T, H, W)) is taken from whichever procedure ran. Both are right only if 
 is the same for every batch: neither the samples nor their number may change it. Two
 probes with other batch sizes and other contents show which values do change; a value
 that stays the same on both (and a shape-derived integer cannot do otherwise) is treated
-as independent of the batch.
+as independent of the batch. An integer that equals the batch size on both probes is the
+batch size (`B = x.shape[0]`, read once before the stages and used inside them): a stage
+reads it from its own input instead, the size of its sub-batch.
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ class _ValueRecorder(PlainArgsInterpreter):
         return result
 
 
-def batch_dependent(graph_module: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[fx.Node]:
-    """The nodes among `nodes` whose values differ between two probes of other batches."""
+INDEPENDENT, BATCH_SIZE, DEPENDENT = "independent", "batch size", "dependent"
+
+
+def classify(graph_module: fx.GraphModule, nodes: Iterable[fx.Node]) -> dict[fx.Node, str]:
+    """Per node: INDEPENDENT (the same value on both probes), BATCH_SIZE (an integer equal to
+    the probe's batch size on both: `B = x.shape[0]` read once and used later), or DEPENDENT."""
     wanted = set(nodes)
     if not wanted:
-        return []
+        return {}
     example = image_input(graph_module.graph)
     meta = example.meta["tensor_meta"]
     runs = []
@@ -54,7 +60,15 @@ def batch_dependent(graph_module: fx.GraphModule, nodes: Iterable[fx.Node]) -> l
             recorder.run(probe)
             runs.append(recorder.values)
     first, second = runs
-    return [n for n in graph_module.graph.nodes if n in wanted and not same_value(first[n], second[n])]
+    kinds = {}
+    for n in wanted:
+        if same_value(first[n], second[n]):
+            kinds[n] = INDEPENDENT
+        elif all(type(run[n]) is int and run[n] == batch for run, (batch, _) in zip(runs, PROBES, strict=True)):
+            kinds[n] = BATCH_SIZE
+        else:
+            kinds[n] = DEPENDENT
+    return kinds
 
 
 def same_value(a, b) -> bool:

@@ -10,8 +10,8 @@ upsampling is the head). Blocks are plain, residual or concatenation blocks, wit
 BatchNorm or GroupNorm and optional squeeze-excitation. Images use 2-D layers; videos
 (`frames`) 3-D ones that downsample space only, as R3D's stem does. With `side_values`,
 the stages pass batch-independent values beside the tensor, as MViT's blocks do: each
-stage reads the sizes its predecessor handed on (the stem's, for the first) and a gain
-vector computed before the stages, and hands on its own output's sizes.
+stage reads the sizes its predecessor handed on (the stem's, for the first), a gain
+vector and the batch size computed before the stages, and hands on its own output's sizes.
 """
 
 from __future__ import annotations
@@ -97,16 +97,18 @@ class Block(nn.Module):
 
 
 class SizedStage(nn.Module):
-    """A stage that reads the sizes of its input (handed on by the stage before it) and a
-    gain computed before the stages, and hands on its output's sizes (MViT's (T, H, W))."""
+    """A stage that reads the sizes of its input (handed on by the stage before it), a gain
+    and the batch size computed before the stages, and hands on its output's sizes (MViT's
+    (T, H, W))."""
 
     def __init__(self, layers: Layers, *blocks: nn.Module) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
         self.gain_shape = (-1,) + (1,) * layers.dims  # over the channels, broadcast over the positions
 
-    def forward(self, x, sizes, gain):
-        x = self.blocks(x.narrow(-1, 0, sizes[-1]))  # as wide as the last stage left it: the sizes are read
+    def forward(self, x, sizes, gain, batch):
+        x = x.narrow(-1, 0, sizes[-1])  # as wide as the last stage left it: the sizes are read
+        x = self.blocks(x.view(batch, -1).view_as(x))  # the batch size read once before the stages (CoaT, Twins)
         sizes = x.shape[2:]
         return x * gain[: x.shape[1]].view(self.gain_shape), sizes
 
@@ -202,13 +204,14 @@ class Backbone(nn.Module):
 
     def forward(self, x):
         gain = None if self.gain is None else 1.0 + torch.tanh(self.gain)  # batch-independent, computed before the stages
+        batch = x.shape[0]
         y = self.stem(x)
         if gain is None:
             y = self.stages(y)
         else:
             sizes = y.shape[2:]
             for stage in self.stages:
-                y, sizes = stage(y, sizes, gain)
+                y, sizes = stage(y, sizes, gain, batch)
         if self.head_conv is not None:
             y = self.head_conv(y)
         if self.dense:

@@ -114,6 +114,50 @@ def test_drops_where_several_tensors_are_alive_are_named_as_such():
         stages_of(TwoInputCells())
 
 
+class RowsStage(torch.nn.Module):
+    """A stage that reads a row count computed before it beside its input (it views its
+    input as that many rows), and hands on the row count of its first conv's output."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, stride, 1)
+        self.residual = torch.nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x, count):
+        y = torch.relu(self.conv(x.view(count, -1).view_as(x)))
+        rows = y.shape[0]
+        return y + self.residual(y), rows
+
+
+class SharedAcrossTheBatch(torch.nn.Module):
+    """Stages whose side values change with the batch: `leak` "reads", a count computed
+    before the stages (twice the batch size; the batch size itself would be allowed: the
+    stage reads its own); "hands on", a count computed in the middle of a stage (a
+    sub-batch's size, once routed) that the head reads."""
+
+    def __init__(self, leak: str) -> None:
+        super().__init__()
+        self.leak = leak
+        self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
+        self.stage1, self.stage2 = RowsStage(1), RowsStage(2)
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+
+    def forward(self, x):
+        count = x.shape[0] * 2 if self.leak == "reads" else x.shape[0]  # twice the batch size, or the batch size (allowed)
+        y, _ = self.stage1(self.stem(x), count)
+        y, rows = self.stage2(y, count)
+        return self.head(y) * rows if self.leak == "hands on" else self.head(y)
+
+
+@pytest.mark.parametrize("leak, needle", [
+    ("reads", r"stage 1 \(nodes .*\) reads 'mul', computed before it, whose value changes with the batch"),
+    ("hands on", r"stage 2 \(nodes .*\) hands on to later nodes 'getitem_\d+', beside its output, whose value changes with the batch"),
+])
+def test_side_values_that_change_with_the_batch_are_refused(leak, needle):
+    with pytest.raises(StageError, match=needle):
+        stages_of(SharedAcrossTheBatch(leak))
+
+
 def test_torchvision_convnext_downsample_is_not_split():
     _, stages = stages_of(torchvision.models.convnext_tiny())
     assert stages[1] == ("features.2", "features.3")
