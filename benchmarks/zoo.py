@@ -49,8 +49,10 @@ def main() -> None:
     prefix = "timm:" if args.hub == "timm" else "torchvision:"
     sides = SIDES if args.hub == "torchvision" else None
     rule = {"routing": args.routing, "top_k": args.top_k, "granularity": args.granularity}
-    rows = [check(prefix + n, args.branches, sides, **rule) for n in tqdm(names, desc=f"{args.hub} zoo", disable=None)]
-    write_rows(args.output, rows)
+    rows = []
+    for name in tqdm(names, desc=f"{args.hub} zoo", disable=None):
+        rows.append(check(prefix + name, args.branches, sides, **rule))
+        write_rows(args.output, rows)  # after every model: a long sweep keeps what it measured
     print(f"| model | input | stages | params base -> N={args.branches} | params & FLOPs exact | FLOPs ratio | max rel. error | result |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
