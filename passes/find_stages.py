@@ -455,9 +455,23 @@ def planned_stage_cuts(facts: GraphFacts, plan: Sequence[tuple[str, str]]) -> li
     return [(cut_of[entry], cut_of[exit_]) for entry, exit_ in plan]
 
 
-def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int) -> Stage:
+def stem_side_reads(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
+    """The non-tensor nodes inside the first stage (cuts a..b) computed from values of the
+    stem alone, not from the stage's input: the sizes a stem module hands on beside its
+    output (timm MViTv2's patch embedding returns its tokens and its grid's size). They
+    belong to the stem, which computes them before the stage."""
+    start, end = facts.pos[facts.cuts[a]], facts.pos[facts.cuts[b]]
+    reads: set[fx.Node] = set()
+    for node in facts.nodes[start + 1 : end + 1]:
+        sources = node.all_input_nodes
+        if not carries_tensors(node) and sources and all(facts.pos[s] < start or s in reads for s in sources):
+            reads.add(node)
+    return reads
+
+
+def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int, stem_reads: set[fx.Node] = frozenset()) -> Stage:
     entry, exit_ = facts.cuts[a], facts.cuts[b]
-    members = facts.nodes[facts.pos[entry] + 1 : facts.pos[exit_] + 1]
+    members = [n for n in facts.nodes[facts.pos[entry] + 1 : facts.pos[exit_] + 1] if n not in stem_reads]
     inside = set(members)
     side_inputs = {
         source: None for node in members for source in node.all_input_nodes
@@ -553,7 +567,8 @@ class FindStages(PassBase):
             cut_ranges = detect_stage_cuts(facts)
         if self.granularity == "block" and not self.plan:  # a plan already holds the blocks
             cut_ranges = block_cuts(facts, cut_ranges)
-        stages = [_stage_from_cuts(facts, i + 1, a, b) for i, (a, b) in enumerate(cut_ranges)]
+        stem_reads = stem_side_reads(facts, *cut_ranges[0])
+        stages = [_stage_from_cuts(facts, i + 1, a, b, stem_reads if i == 0 else frozenset()) for i, (a, b) in enumerate(cut_ranges)]
         stages = _check_side_values(facts, stages)
         first_entry = facts.pos[facts.cuts[cut_ranges[0][0]]]
         last_exit = facts.pos[facts.cuts[cut_ranges[-1][1]]]
@@ -564,8 +579,8 @@ class FindStages(PassBase):
             elif node.name in part_of:
                 node.meta["rmn_part"] = part_of[node.name]
             else:
-                node.meta["rmn_part"] = "stem" if i <= first_entry else "head"
-                assert i <= first_entry or i > last_exit
+                node.meta["rmn_part"] = "stem" if i <= first_entry or node in stem_reads else "head"
+                assert i <= first_entry or node in stem_reads or i > last_exit
         graph_module.meta["rmn_stages"] = stages
         graph_module.meta["rmn_part_modules"] = {
             "stem": facts.covered_modules(0, first_entry),
