@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import fx
 
+from rmn_fx.errors import StageError, first_line
 from rmn_fx.nn.modes import training_mode
 
 from .main_path import image_input
@@ -51,13 +52,20 @@ def classify(graph_module: fx.GraphModule, nodes: Iterable[fx.Node]) -> dict[fx.
     if not wanted:
         return {}
     example = image_input(graph_module.graph)
-    meta = example.meta["tensor_meta"]
+    dtype = example.meta["tensor_meta"].dtype
+    device = next((t.device for t in (*graph_module.parameters(), *graph_module.buffers())), torch.device("cpu"))
     runs = []
     with training_mode(graph_module, False), torch.no_grad():
         for batch, seed in PROBES:
-            probe = sample_input(tensor_shape(example)[1:], batch, seed).to(meta.dtype)
+            probe = sample_input(tensor_shape(example)[1:], batch, seed).to(device, dtype)
             recorder = _ValueRecorder(graph_module, wanted)
-            recorder.run(probe)
+            try:
+                recorder.run(probe)
+            except Exception as exc:
+                raise StageError(
+                    f"the model fails on a batch of {batch} ({type(exc).__name__}: {first_line(exc)}), so rmn-fx cannot check "
+                    "that the values its stages share do not change with the batch; convert a model that takes any batch size"
+                ) from exc
             runs.append(recorder.values)
     first, second = runs
     kinds = {}
