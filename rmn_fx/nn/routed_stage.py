@@ -74,9 +74,10 @@ class RoutedStage(nn.Module):
         self.procedures = nn.ModuleList([procedure] + [copy.deepcopy(procedure) for _ in range(config.branches - 1)])
         self._side_inputs: tuple | None = None  # while a forward runs: the values beside its input
         self._side_outputs: tuple = ()  # after a procedure ran: the values beside its output
-        if spec.side_inputs or spec.side_outputs:
-            for clone in self.procedures:
+        for clone in self.procedures:
+            if spec.side_inputs:
                 clone.register_forward_pre_hook(self._add_side_inputs)
+            if spec.side_outputs:
                 clone.register_forward_hook(self._set_side_outputs_aside)
 
     @contextlib.contextmanager
@@ -97,8 +98,6 @@ class RoutedStage(nn.Module):
         return (*args, *self._side_inputs)
 
     def _set_side_outputs_aside(self, procedure, args, output):
-        if not self.spec.side_outputs:
-            return output
         self._side_outputs = tuple(output[1:])
         return output[0]
 
