@@ -455,18 +455,52 @@ def planned_stage_cuts(facts: GraphFacts, plan: Sequence[tuple[str, str]]) -> li
     return [(cut_of[entry], cut_of[exit_]) for entry, exit_ in plan]
 
 
-def stem_side_reads(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
-    """The non-tensor nodes inside the first stage (cuts a..b) computed from values of the
-    stem alone, not from the stage's input: the sizes a stem module hands on beside its
-    output (timm MViTv2's patch embedding returns its tokens and its grid's size). They
-    belong to the stem, which computes them before the stage."""
-    start, end = facts.pos[facts.cuts[a]], facts.pos[facts.cuts[b]]
-    reads: set[fx.Node] = set()
-    for node in facts.nodes[start + 1 : end + 1]:
+def stem_side_values(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
+    """The nodes inside the first stage (cuts a..b) that belong to the stem, because they
+    compute nothing from the values of the stage's input:
+    - values other than tensors computed from stem values alone: the sizes a stem module
+      hands on beside its output (timm MViTv2's patch embedding returns its grid's size);
+    - a tensor that later parts read, computed from the input's sizes, stem values and
+      weights alone, with all it is computed from: a rotary position table built from the
+      token grid in the first stage and read by every later block (timm's DeepSeek-ViT and
+      Qwen3-ViT). Left in the stage, each procedure would compute its own copy, and a
+      routed stage hands on one tensor only.
+    Computed once before the stage, they reach its procedures as side inputs, whose
+    independence of the batch `classify` then checks."""
+    entry = facts.cuts[a]
+    start, end = facts.pos[entry], facts.pos[facts.cuts[b]]
+    inside = facts.nodes[start + 1 : end + 1]
+    values: set[fx.Node] = set()
+    from_sizes: set[fx.Node] = set()  # computed from the input's sizes, stem values and weights alone
+    for node in inside:
         sources = node.all_input_nodes
-        if not carries_tensors(node) and sources and all(facts.pos[s] < start or s in reads for s in sources):
-            reads.add(node)
-    return reads
+        if not carries_tensors(node) and sources and all(facts.pos[s] < start or s in values for s in sources):
+            values.add(node)
+        if all(facts.pos[s] < start or s in from_sizes or (s is entry and _reads_sizes_only(node)) for s in sources):
+            from_sizes.add(node)
+    for node in inside:
+        if node in from_sizes and carries_tensors(node) and any(facts.pos[u] > end for u in node.users):
+            values |= _ancestors_among(node, from_sizes)
+    return values
+
+
+def _reads_sizes_only(node: fx.Node) -> bool:
+    """`node` reads its tensor argument's sizes, dtype or device, not its values
+    (`x.shape`, `x.size(1)`, `x.dim()`, `x.dtype`)."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim", "dtype", "device")
+
+
+def _ancestors_among(node: fx.Node, among: set[fx.Node]) -> set[fx.Node]:
+    """`node` and the nodes in `among` it is computed from, through nodes in `among`."""
+    seen, todo = {node}, [node]
+    while todo:
+        for source in todo.pop().all_input_nodes:
+            if source in among and source not in seen:
+                seen.add(source)
+                todo.append(source)
+    return seen
 
 
 def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int, stem_reads: set[fx.Node] = frozenset()) -> Stage:
@@ -567,7 +601,7 @@ class FindStages(PassBase):
             cut_ranges = detect_stage_cuts(facts)
         if self.granularity == "block" and not self.plan:  # a plan already holds the blocks
             cut_ranges = block_cuts(facts, cut_ranges)
-        stem_reads = stem_side_reads(facts, *cut_ranges[0])
+        stem_reads = stem_side_values(facts, *cut_ranges[0])
         stages = [_stage_from_cuts(facts, i + 1, a, b, stem_reads if i == 0 else frozenset()) for i, (a, b) in enumerate(cut_ranges)]
         stages = _check_side_values(facts, stages)
         first_entry = facts.pos[facts.cuts[cut_ranges[0][0]]]

@@ -11,7 +11,9 @@ BatchNorm or GroupNorm and optional squeeze-excitation. Images use 2-D layers; v
 (`frames`) 3-D ones that downsample space only, as R3D's stem does. With `side_values`,
 the stages pass batch-independent values beside the tensor, as MViT's blocks do: each
 stage reads the sizes its predecessor handed on (the stem's, for the first), a gain
-vector and the batch size computed before the stages, and hands on its own output's sizes.
+vector and the batch size computed before the stages, a table the first stage computes
+from its input's sizes (a rotary table, as timm's DeepSeek-ViT builds), and hands on its
+own output's sizes.
 """
 
 from __future__ import annotations
@@ -98,16 +100,16 @@ class Block(nn.Module):
 
 class SizedStage(nn.Module):
     """A stage that reads the sizes of its input (handed on by the stage before it), a gain
-    and the batch size computed before the stages, and hands on its output's sizes (MViT's
-    (T, H, W))."""
+    and the batch size computed before the stages, a table over the positions of the last
+    axis, and hands on its output's sizes (MViT's (T, H, W))."""
 
     def __init__(self, layers: Layers, *blocks: nn.Module) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
         self.gain_shape = (-1,) + (1,) * layers.dims  # over the channels, broadcast over the positions
 
-    def forward(self, x, sizes, gain, batch):
-        x = x.narrow(-1, 0, sizes[-1])  # as wide as the last stage left it: the sizes are read
+    def forward(self, x, sizes, gain, batch, table):
+        x = x.narrow(-1, 0, sizes[-1]) + table[: x.shape[-1]]  # as wide as the last stage left it: the sizes are read
         x = self.blocks(x.view(batch, -1).view_as(x))  # the batch size read once before the stages (CoaT, Twins)
         sizes = x.shape[2:]
         return x * gain[: x.shape[1]].view(self.gain_shape), sizes
@@ -210,8 +212,9 @@ class Backbone(nn.Module):
             y = self.stages(y)
         else:
             sizes = y.shape[2:]
+            table = torch.arange(y.shape[-1], dtype=y.dtype, device=y.device).div(y.shape[-1]).cos()  # in the first stage's nodes, from its input's sizes
             for stage in self.stages:
-                y, sizes = stage(y, sizes, gain, batch)
+                y, sizes = stage(y, sizes, gain, batch, table)
         if self.head_conv is not None:
             y = self.head_conv(y)
         if self.dense:

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
 
 import rmn_fx
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (`pytest -n 2`), give each worker its share of the cores, for its
+    own ops and for the processes it starts: threads that outnumber the cores spin against
+    each other and make the parallel run slower than a serial one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import torchvision
 
 import rmn_fx
 from rmn_fx.errors import NoDownsamplingError, StageError
+from rmn_fx.measure import spread_routes
 
 
 def stages_of(model, size=64, stages=None):
@@ -156,6 +157,53 @@ class SharedAcrossTheBatch(torch.nn.Module):
 def test_side_values_that_change_with_the_batch_are_refused(leak, needle):
     with pytest.raises(StageError, match=needle):
         stages_of(SharedAcrossTheBatch(leak))
+
+
+class TableBlock(torch.nn.Module):
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, stride, 1)
+        self.residual = torch.nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x, table):
+        y = torch.relu(self.conv(x)) + table
+        return y + self.residual(y)
+
+
+class TableFromTheGrid(torch.nn.Module):
+    """A table computed from the first stage's input sizes (as timm's DeepSeek-ViT builds its
+    rotary table from the token grid) and read by every stage; `per_sample` makes it one row
+    per sample, which changes with the batch."""
+
+    def __init__(self, per_sample: bool = False) -> None:
+        super().__init__()
+        self.per_sample = per_sample
+        self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
+        self.stage1, self.stage2 = TableBlock(1), TableBlock(2)
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+
+    def forward(self, x):
+        x = self.stem(x)
+        rows = x.shape[0] if self.per_sample else 1
+        table = torch.arange(x.shape[1] * rows, dtype=x.dtype).div(x.shape[2]).sin().view(rows, -1, 1, 1)
+        return self.head(self.stage2(self.stage1(x, table), table))
+
+
+def test_a_table_the_first_stage_computes_from_sizes_and_hands_on_is_computed_in_the_stem():
+    model = TableFromTheGrid().eval()
+    anatomy, _ = stages_of(model, size=32)
+    table = "view"
+    assert [stage.side_inputs for stage in anatomy.stages] == [(table,), (table,)]
+    gm = rmn_fx.transform(model, branches=3, input_size=(3, 32, 32)).eval()
+    x = torch.randn(6, 3, 32, 32)
+    spread_routes(gm, x)
+    assert ".sin()" in gm.stem.code and ".sin()" not in gm.stage_1.procedures[0].code  # computed once, read by each procedure
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_a_table_handed_on_that_changes_with_the_batch_is_refused():
+    with pytest.raises(StageError, match=r"stage 1 \(nodes .*\) reads 'view', computed before it, whose value changes with the batch"):
+        stages_of(TableFromTheGrid(per_sample=True), size=32)
 
 
 def test_torchvision_convnext_downsample_is_not_split():
