@@ -20,10 +20,11 @@ from torch import fx, nn
 from .infra import PassBase, PassResult
 
 
-def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str, first_inputs=(), first_output=None, batch_sizes=()):
-    """Copy `nodes` into a GraphModule; returns it with its outer inputs and outputs, the
-    `first_inputs` (outer nodes) leading the inputs and `first_output` leading the outputs.
-    The outer `batch_sizes` become the batch size of the first input, read inside."""
+def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str, read_later: set[fx.Node], first_inputs=(), first_output=None, batch_sizes=()):
+    """Copy `nodes` into a GraphModule; returns it with its outer inputs and outputs (those
+    of `nodes` in `read_later`), the `first_inputs` (outer nodes) leading the inputs and
+    `first_output` leading the outputs. The outer `batch_sizes` become the batch size of
+    the first input, read inside."""
     members = set(nodes)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -48,12 +49,26 @@ def _extract_part(gm: fx.GraphModule, nodes: list[fx.Node], name: str, first_inp
             if source not in members:
                 lookup(source)
         env[node] = graph.node_copy(node, lookup)
-    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    outputs = [n for n in nodes if n in read_later]
     if first_output is not None:
         outputs = [first_output] + [n for n in outputs if n is not first_output]
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[n] for n in outputs))
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=name), inputs, outputs
+
+
+def _read_by_later_parts(members: dict[str, list[fx.Node]], stages: dict, node_of: dict[str, fx.Node]) -> set[fx.Node]:
+    """The nodes that a part other than their own, or the output, takes as an input: the
+    values a part hands on. A batch size that a stage reads its input's instead of is not
+    handed on to it (no dead output in the part before)."""
+    read: set[fx.Node] = set()
+    for part, nodes in members.items():
+        inside = set(nodes)
+        stage = stages.get(part)
+        own_sizes = {node_of[n] for n in stage.batch_sizes} if stage is not None else set()
+        read |= {s for n in nodes for s in n.all_input_nodes if s not in inside and s not in own_sizes}
+    output = next(n for n in node_of.values() if n.op == "output")
+    return read | set(output.all_input_nodes)
 
 
 def part_order(graph: fx.Graph) -> list[str]:
@@ -81,10 +96,12 @@ class OutlineParts(PassBase):
         for node in graph_module.graph.nodes:
             if node.op == "placeholder":
                 env[node] = top.node_copy(node, env.__getitem__)
-        for part in part_order(graph_module.graph):
-            nodes = [
-                n for n in graph_module.graph.nodes if n.meta.get("rmn_part") == part and n.op != "get_attr"
-            ]
+        members = {
+            part: [n for n in graph_module.graph.nodes if n.meta.get("rmn_part") == part and n.op != "get_attr"]
+            for part in part_order(graph_module.graph)
+        }
+        read_later = _read_by_later_parts(members, stages, node_of)
+        for part, nodes in members.items():
             stage = stages.get(part)
             ends = {}
             if stage is not None:
@@ -93,7 +110,7 @@ class OutlineParts(PassBase):
                     "first_output": node_of[stage.exit],
                     "batch_sizes": [node_of[n] for n in stage.batch_sizes],
                 }
-            submodule, inputs, outputs = _extract_part(graph_module, nodes, part, **ends)
+            submodule, inputs, outputs = _extract_part(graph_module, nodes, part, read_later, **ends)
             parts.add_module(part, submodule)
             call = top.call_module(part, tuple(env[i] for i in inputs))
             if len(outputs) == 1:
