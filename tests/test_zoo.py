@@ -11,6 +11,7 @@ import math
 
 import pytest
 import timm
+import torchvision
 
 import rmn_fx
 from rmn_fx.models import torchvision_names
@@ -24,6 +25,20 @@ PAPER = {  # N = 8 with attention, 224x224, ImageNet classes (rmn-method.md)
 }
 QUICK_TORCHVISION = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5", "squeezenet1_1", "inception_v3", "lraspp_mobilenet_v3_large", "r3d_18"]
 QUICK_TIMM = ["convnext_atto", "regnetx_002", "swin_tiny_patch4_window7_224", "vit_tiny_patch16_224"]
+LARGE = 250e6  # parameters: a conversion check of such a model peaks above 10 GB, so it runs alone (`large`)
+
+
+def torchvision_sweep(*tasks: str) -> list:
+    """Every model of torchvision's `tasks` lists; those with more than LARGE parameters (by
+    their weights' metadata, no download) marked `large`."""
+    return [
+        pytest.param(name, marks=pytest.mark.large) if torchvision_parameters(name) > LARGE else name
+        for task in tasks for name in torchvision_names(task)
+    ]
+
+
+def torchvision_parameters(name: str) -> int:
+    return max((weights.meta.get("num_params", 0) for weights in torchvision.models.get_model_weights(name)), default=0)
 
 
 def assert_properties(row: dict) -> None:
@@ -132,9 +147,7 @@ def test_stages_agree_with_timm_feature_info(name):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize(
-    "name", [*torchvision_names(), *torchvision_names("segmentation"), *torchvision_names("video"), *torchvision_names("quantization")]
-)
+@pytest.mark.parametrize("name", torchvision_sweep("classification", "segmentation", "video", "quantization"))
 def test_every_torchvision_model(name):
     assert_properties(check(f"torchvision:{name}", branches=2, sides=(64, 128, 224)))
 
