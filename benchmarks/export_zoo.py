@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import functools
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-import time
 
 import torch
 from results import read_rows, write_rows  # benchmarks/results.py, beside this script

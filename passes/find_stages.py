@@ -100,9 +100,9 @@ def suggest_stage_ranges(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
         children = dict(module.named_children())
         blocks = list(children.values())
-        if len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and all(_is_block(b) for b in blocks):
-            if best is None or len(blocks) > len(best[1]):
-                best = (f"{name}." if name else "", list(children))
+        uniform = len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and all(_is_block(b) for b in blocks)
+        if uniform and (best is None or len(blocks) > len(best[1])):
+            best = (f"{name}." if name else "", list(children))
     if best is None:
         return None
     prefix, names = best

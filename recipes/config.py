@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 
 from rmn_fx.errors import OptionError, RMNError
-
 from rmn_fx.nn.rules import RoutingConfig, rule_class
 
 from .presets import resolve

@@ -22,21 +22,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from rmn_fx.errors import OptionError
 
-from ..routed_stage import PartSpec, RoutedStage, weigh
 from ..modes import training_mode
+from ..routed_stage import PartSpec, RoutedStage, weigh
 from ..routing import dispatch, run_procedure
 from .registry import register_rule
 
 
 @register_rule("gate")
 class GatedStage(RoutedStage):
-    options = {"top_k": 1}
+    options: ClassVar[dict[str, object]] = {"top_k": 1}
 
     def __init__(self, procedure, spec: PartSpec, config) -> None:
         super().__init__(procedure, spec, config)

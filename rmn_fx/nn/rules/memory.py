@@ -11,6 +11,7 @@ in eval mode, so that evaluation is deterministic).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -24,7 +25,7 @@ from .registry import register_rule
 
 @register_rule("memory")
 class MemoryRoutedStage(RoutedStage):
-    options = {"attention": True, "momentum": 0.9}
+    options: ClassVar[dict[str, object]] = {"attention": True, "momentum": 0.9}
 
     def __init__(self, procedure, spec: PartSpec, config) -> None:
         super().__init__(procedure, spec, config)
