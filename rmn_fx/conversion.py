@@ -28,6 +28,7 @@ from rmn_fx.passes.infra import PassManager
 from rmn_fx.passes.outline import OutlineParts
 from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
 from rmn_fx.passes.route import RouteStages, part_specs
+from rmn_fx.passes.sample_independence import CheckStagesKeepSamplesApart
 from rmn_fx.passes.shape_prop import ShapePropagation, sample_input
 
 from .errors import ConversionError, ModulesLeftOutWarning, OptionError, RMNError
@@ -151,7 +152,7 @@ def analyze(
     plan = gm.meta.pop("rmn_stage_plan", None)
     gm, _ = PassManager([shapes, FindStages(ranges, plan, granularity)])(gm)
     check_removed(gm)
-    gm, _ = PassManager([OutlineParts()])(gm)
+    gm, _ = PassManager([OutlineParts(), CheckStagesKeepSamplesApart(shapes.sample)])(gm)
     return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output, left_out)
 
 
