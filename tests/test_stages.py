@@ -208,17 +208,20 @@ def test_a_table_handed_on_that_changes_with_the_batch_is_refused():
 
 class BatchStatisticStage(torch.nn.Module):
     """Two stages; the first normalises with the batch's own statistics in eval mode too
-    (a BatchNorm that keeps no running statistics) when `mixes`."""
+    (a BatchNorm that keeps no running statistics) when `mixes`, or splits its batch in two
+    halves (it takes even batches only) when `pairs`."""
 
-    def __init__(self, mixes: bool) -> None:
+    def __init__(self, mixes: bool, pairs: bool = False) -> None:
         super().__init__()
+        self.pairs = pairs
         self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
         self.stage1 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.BatchNorm2d(8, track_running_stats=not mixes), torch.nn.ReLU())
         self.stage2 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.ReLU())
         self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
 
     def forward(self, x):
-        return self.head(self.stage2(self.stage1(self.stem(x))))
+        y = self.stage1(self.stem(x))
+        return self.head(self.stage2(y.unflatten(0, (2, -1)).flatten(0, 1) if self.pairs else y))
 
 
 def test_a_stage_that_mixes_the_samples_of_its_batch_is_refused():
@@ -226,6 +229,8 @@ def test_a_stage_that_mixes_the_samples_of_its_batch_is_refused():
     assert len(anatomy.stages) == 2
     with pytest.raises(StageError, match=r"stage 1 \(nodes stage1_0\.\.stage1_2\) mixes the samples of its batch: its output for one sample changes by"):
         stages_of(BatchStatisticStage(mixes=True).eval(), size=32)
+    with pytest.raises(StageError, match=r"stage 1 \(nodes .*\) fails on a single sample \(RuntimeError: .*\), and routed, a procedure may receive one"):
+        stages_of(BatchStatisticStage(mixes=False, pairs=True).eval(), size=32)
 
 
 def test_torchvision_convnext_downsample_is_not_split():
