@@ -49,7 +49,7 @@ import torch
 from torch import fx, nn
 
 from rmn_fx.errors import NoDownsamplingError, StageError
-from rmn_fx.nn.layout import FeatureLayout
+from rmn_fx.nn.layout import FeatureLayout, unpack
 
 from .infra import PassBase, PassResult
 from .main_path import main_path
@@ -138,7 +138,7 @@ class GraphFacts:
         self.gm = graph_module
         self.nodes = list(graph_module.graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
-        self.cuts = main_path(graph_module.graph)
+        self.cuts = [c for c in main_path(graph_module.graph) if not (c.op == "call_function" and c.target is unpack)]  # its pack is the boundary
         self.cut_at = {self.pos[c]: k for k, c in enumerate(self.cuts)}  # node position -> cut index
         self.from_input = _descendants(self.cuts[0])  # the nodes computed from the input, the input included
         self.spans, self.splittable, self.delegating = self._module_spans()
@@ -283,7 +283,11 @@ class GraphFacts:
     def _splits_only(self, k: int, may_split) -> bool:
         """Every module with nodes on both sides of cut k is a container, a leaf call, or
         one that `may_split(path, first, last)` allows."""
-        p = self.pos[self.cuts[k]]
+        return self.module_edge_after(self.pos[self.cuts[k]], may_split)
+
+    def module_edge_after(self, p: int, may_split=lambda path, first, last: False) -> bool:
+        """No module other than a container, a leaf call, or one that `may_split` allows has
+        nodes both at or before position p and after it."""
         return not any(
             first <= p < last and not may_split(path, first, last)
             for path, (first, last) in self.spans.items()
@@ -476,7 +480,7 @@ def stem_side_values(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
         sources = node.all_input_nodes
         if not carries_tensors(node) and sources and all(facts.pos[s] < start or s in values for s in sources):
             values.add(node)
-        if all(facts.pos[s] < start or s in from_sizes or (s is entry and _reads_sizes_only(node)) for s in sources):
+        if all(facts.pos[s] < start or s in from_sizes or (s is entry and reads_sizes_only(node)) for s in sources):
             from_sizes.add(node)
     for node in inside:
         if node in from_sizes and carries_tensors(node) and any(facts.pos[u] > end for u in node.users):
@@ -484,7 +488,7 @@ def stem_side_values(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
     return values
 
 
-def _reads_sizes_only(node: fx.Node) -> bool:
+def reads_sizes_only(node: fx.Node) -> bool:
     """`node` reads its tensor argument's sizes, dtype or device, not its values
     (`x.shape`, `x.size(1)`, `x.dim()`, `x.dtype`)."""
     if node.op == "call_method":

@@ -14,7 +14,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rmn_fx.errors import InputSizeError, first_line
-from rmn_fx.nn.layout import infer_layout
+from rmn_fx.nn.layout import FeatureLayout, PackedLayout, infer_layout, pack
 from rmn_fx.nn.modes import training_mode
 
 from .infra import PassBase, PassResult
@@ -107,8 +107,16 @@ class ShapePropagation(PassBase):
         batch, image_hw = self.sample.shape[0], tuple(self.sample.shape[-2:])
         for node in graph_module.graph.nodes:
             shape = tensor_shape(node)
-            layout = infer_layout(shape, batch, image_hw) if shape else None
+            layout = _packed_layout(node) if node.op == "call_function" and node.target is pack else infer_layout(shape, batch, image_hw) if shape else None
             if layout is not None:
                 node.meta["rmn_layout"] = layout
                 node.meta["rmn_resolution"] = layout.resolution(shape)
         return PassResult(graph_module, False)
+
+
+def _packed_layout(node: fx.Node) -> PackedLayout | None:
+    """The layout of `pack(a, b, ...)`, from its tensors' layouts and shapes."""
+    layouts = [source.meta.get("rmn_layout") for source in node.args]
+    if not all(isinstance(layout, FeatureLayout) for layout in layouts):
+        return None
+    return PackedLayout(tuple((layout, tensor_shape(source)[1:]) for layout, source in zip(layouts, node.args, strict=True)))

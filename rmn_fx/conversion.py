@@ -26,6 +26,7 @@ from rmn_fx.passes.find_stages import (
 )
 from rmn_fx.passes.infra import PassManager
 from rmn_fx.passes.outline import OutlineParts
+from rmn_fx.passes.pack_boundaries import PackBoundaries, RemoveInnerPacks
 from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
 from rmn_fx.passes.route import RouteStages, part_specs
 from rmn_fx.passes.sample_independence import CheckStagesKeepSamplesApart
@@ -150,9 +151,9 @@ def analyze(
         ranges = None
     shapes = ShapePropagation(_sample_for(base, size))
     plan = gm.meta.pop("rmn_stage_plan", None)
-    gm, _ = PassManager([shapes, FindStages(ranges, plan, granularity)])(gm)
+    gm, _ = PassManager([shapes, PackBoundaries(shapes), FindStages(ranges, plan, granularity)])(gm)
     check_removed(gm)
-    gm, _ = PassManager([OutlineParts(), CheckStagesKeepSamplesApart(shapes.sample)])(gm)
+    gm, _ = PassManager([OutlineParts(), RemoveInnerPacks(), CheckStagesKeepSamplesApart(shapes.sample)])(gm)
     return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output, left_out)
 
 
@@ -162,7 +163,7 @@ def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, cou
     then rewrite; the stage plan travels on `gm.meta["rmn_stage_plan"]`."""
     *leading, height, width = size
     detect = ShapePropagation(_sample_for(base, (*leading, height << count, width << count)))
-    gm, _ = PassManager([detect, FindStages(ranges, granularity=granularity), RemoveDownsampling(count)])(gm)
+    gm, _ = PassManager([detect, PackBoundaries(detect), FindStages(ranges, granularity=granularity), RemoveDownsampling(count)])(gm)
     gm.meta["rmn_stage_plan"] = [(s.entry, s.exit) for s in gm.meta.pop("rmn_stages")]
     return gm
 

@@ -13,7 +13,9 @@ the stages pass batch-independent values beside the tensor, as MViT's blocks do:
 stage reads the sizes its predecessor handed on (the stem's, for the first), a gain
 vector and the batch size computed before the stages, a table the first stage computes
 from its input's sizes (a rotary table, as timm's DeepSeek-ViT builds), and hands on its
-own output's sizes.
+own output's sizes. With `two_inputs`, every stage after the first also reads the input of
+the stage before it (NASNet's cells read the two previous cells' outputs), so two tensors
+are alive between stages and the boundaries are packed (`PackBoundaries`).
 """
 
 from __future__ import annotations
@@ -115,6 +117,18 @@ class SizedStage(nn.Module):
         return x * gain[: x.shape[1]].view(self.gain_shape), sizes
 
 
+class TwoInputStage(nn.Module):
+    """A stage that adds a strided 1x1 conv of the previous stage's input to its blocks' output."""
+
+    def __init__(self, layers: Layers, stride: int, previous_channels: int, channels: int, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.previous = layers.conv(previous_channels, channels, 1, stride)
+
+    def forward(self, x, previous):
+        return self.blocks(x) + self.previous(previous)
+
+
 @dataclass
 class StageSpec:
     downsample: str | None
@@ -136,6 +150,7 @@ class BackboneSpec:
     frames: int | None = None  # a video backbone, fed clips of this many frames
     dense: bool = False  # a segmentation head instead of a classifier
     side_values: bool = False  # stages read and hand on batch-independent values (`SizedStage`)
+    two_inputs: bool = False  # stages after the first also read the previous stage's input (`TwoInputStage`)
     classes: int = 5
     expected: list[tuple[str, ...]] = field(default_factory=list)
 
@@ -160,7 +175,7 @@ class BackboneSpec:
         side values: the stages, which no block cut may split."""
         blocks = []
         for i, stage in enumerate(self.stages):
-            if self.side_values:  # a SizedStage computes tensors itself (it is no container): no block cut splits it
+            if self.side_values or (self.two_inputs and i > 0):  # a stage that computes tensors itself (no container): no block cut splits it
                 blocks.append((f"stages.{i}",))
                 continue
             names = [f"stages.{i}.{j}" for j in range(len(stage.blocks) + (stage.downsample in ("pool", "conv")))]
@@ -182,7 +197,7 @@ class Backbone(nn.Module):
         if spec.stem_pool:
             stem.append(layers.max_pool(3, 2, 1))
         self.stem = nn.Sequential(*stem)
-        stages, cin = [], spec.stem_width
+        stages, cin, widths, drops = [], spec.stem_width, [spec.stem_width], [False]
         for s in spec.stages:
             stage = []
             if s.downsample == "pool":
@@ -193,12 +208,19 @@ class Backbone(nn.Module):
                 stride = 2 if i == 0 and s.downsample == "block" else 1
                 stage.append(Block(layers, kind, cin, s.width, stride, spec.norm, s.se[i]))
                 cin = s.width
-            stages.append(SizedStage(layers, *stage) if spec.side_values else nn.Sequential(*stage))
+            drops.append(s.downsample is not None)
+            widths.append(cin)
+            if spec.side_values:
+                stages.append(SizedStage(layers, *stage))
+            elif spec.two_inputs and len(stages) > 0:  # the previous stage's input, two drops back at most
+                stages.append(TwoInputStage(layers, 2 ** (drops[-2] + drops[-1]), widths[-3], cin, *stage))
+            else:
+                stages.append(nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
         self.gain = nn.Parameter(torch.linspace(-1.0, 1.0, max(s.width for s in spec.stages))) if spec.side_values else None
         self.head_conv = nn.Sequential(layers.conv(cin, 2 * cin, 1), nn.ReLU()) if spec.head_conv else None
         features = 2 * cin if spec.head_conv else cin
-        self.dense = spec.dense
+        self.dense, self.two_inputs = spec.dense, spec.two_inputs
         if spec.dense:  # per-position classes, upsampled to the input in forward (torchvision's FCN)
             self.head = layers.conv(features, spec.classes, 1)
         else:
@@ -208,7 +230,11 @@ class Backbone(nn.Module):
         gain = None if self.gain is None else 1.0 + torch.tanh(self.gain)  # batch-independent, computed before the stages
         batch = x.shape[0]
         y = self.stem(x)
-        if gain is None:
+        if self.two_inputs:
+            previous, y = y, self.stages[0](y)
+            for stage in self.stages[1:]:
+                previous, y = y, stage(y, previous)
+        elif gain is None:
             y = self.stages(y)
         else:
             sizes = y.shape[2:]
@@ -257,8 +283,9 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
         input_side=2**drops * draw(st.sampled_from([2, 3, 4])),
         frames=draw(st.sampled_from([None, None, None, 1, 3])),
         dense=draw(st.sampled_from([False, False, True])),
-        side_values=draw(st.sampled_from([False, False, True])),
     )
+    kind = draw(st.sampled_from(["plain", "plain", "side_values", "two_inputs"]))
+    spec.side_values, spec.two_inputs = kind == "side_values", kind == "two_inputs"
     spec.expected = [(f"stages.{i}",) for i in range(count)]
     spec.expected[-1] += ("head_conv",) * spec.head_conv + ("head",) * spec.dense
     return spec

@@ -11,7 +11,7 @@ import torchvision
 
 import rmn_fx
 from rmn_fx.errors import NoDownsamplingError, StageError
-from rmn_fx.measure import spread_routes
+from rmn_fx.measure import relative_error, spread_routes
 
 
 def stages_of(model, size=64, stages=None):
@@ -110,9 +110,41 @@ class TwoInputCells(torch.nn.Module):
         return self.head(x3)
 
 
-def test_drops_where_several_tensors_are_alive_are_named_as_such():
+def test_boundaries_where_two_tensors_are_alive_carry_both_packed():
+    """Each stage takes and gives the two tensors alive at its boundaries as one packed
+    tensor; the packs inside a part are gone, the conversion is exact, and a routing key
+    pools both tensors."""
+    model = TwoInputCells().eval()
+    anatomy, stages = stages_of(model)
+    assert stages == [("cell1",), ("cell2_a", "cell2_b"), ("cell3_a", "cell3_b")]
+    assert [s.in_layout.name for s in anatomy.stages] == ["NCHW", "packed(NCHW:8x32x32,NCHW:8x32x32)", "packed(NCHW:8x32x32,NCHW:8x16x16)"]
+    for stage in anatomy.stages:
+        code = anatomy.graph_module.get_submodule(stage.name).code
+        assert code.count("layout_unpack(") == (stage.index > 1) and code.count("layout_pack(") == (stage.index < 3)
+    gm = rmn_fx.transform(model, branches=3, input_size=(3, 64, 64))
+    x = torch.randn(5, 3, 64, 64)
+    spread_routes(gm, x)
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) <= 1e-6  # sub-batches: a conv may sum in another order
+    assert gm.stage_3.router.memory.shape == (3, 16)  # both tensors' channels
+
+
+class FoldedTwoInputCells(TwoInputCells):
+    """The stem's output stays alive until the last cell with its batch folded into groups
+    of channels, so it is no feature map that a boundary could carry."""
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        folded = x0.reshape(-1, 4, 32, 32)
+        x1 = self.cell1(x0)
+        x2 = self.cell2_a(x1) + self.cell2_b(x0)
+        x3 = self.cell3_a(x2) + self.cell3_b(x1) + folded.reshape(-1, 8, 32, 32)[:, :, ::4, ::4]
+        return self.head(x3)
+
+
+def test_drops_where_a_tensor_alive_is_no_feature_map_are_named_as_such():
     with pytest.raises(StageError, match=r"downsamples after node 'stem' \(at node 'cell2_a' in module 'cell2_a'\), but only where more than one tensor is alive"):
-        stages_of(TwoInputCells())
+        stages_of(FoldedTwoInputCells())
 
 
 class RowsStage(torch.nn.Module):

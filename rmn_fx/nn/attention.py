@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import LAYOUTS
+from .layout import layout_named
 
 
 class ConditionalAttention(nn.Module):
@@ -58,8 +58,8 @@ class ConditionalAttention(nn.Module):
 
     def _scaled(self, y: torch.Tensor, code_term: torch.Tensor) -> torch.Tensor:
         """y * 2 sigmoid(FC2(concat(h, code))), with FC2's code part given as `code_term` [B, C]."""
-        layout = LAYOUTS[self.layout]
+        layout = layout_named(self.layout)
         squeezed = F.relu(self.squeeze(layout.pool(y)))
         logits = F.linear(squeezed, self.excite.weight[:, : self.squeeze.out_features], self.excite.bias)
         scale = 2.0 * torch.sigmoid(logits + code_term.to(logits.dtype))
-        return y * layout.broadcast(scale, y.dim())
+        return layout.scale(y, scale)

@@ -35,11 +35,11 @@ class FeatureLayout:
         """Global average pooling to [B, C]."""
         return x.mean(dim=self.spatial_dims)
 
-    def broadcast(self, per_channel: torch.Tensor, ndim: int) -> torch.Tensor:
-        """View a [B, C] tensor so that it broadcasts against a feature tensor of this layout."""
-        shape = [per_channel.shape[0]] + [1] * (ndim - 1)
+    def scale(self, x: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
+        """x with each channel multiplied by its factor in `per_channel` [B, C]."""
+        shape = [per_channel.shape[0]] + [1] * (x.dim() - 1)
         shape[self.channel_dim] = per_channel.shape[1]
-        return per_channel.view(shape)
+        return x * per_channel.view(shape)
 
 
 NCHW = FeatureLayout("NCHW", 1, (2, 3))
@@ -69,3 +69,66 @@ def infer_layout(shape, batch: int, image_hw: tuple[int, int]) -> FeatureLayout 
 
     first, last = MAP_LAYOUTS[len(shape)]
     return first if aspect_error(shape[-2], shape[-1]) <= aspect_error(shape[-3], shape[-2]) else last
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Several feature tensors of one batch carried as one [B, D] tensor (`pack`): a
+    boundary between parts where more than one tensor is alive (NASNet's cells read the
+    two previous cells' outputs). Each segment is a feature tensor of its own layout;
+    pooling pools every segment and concatenates their channels, so a routing key sees
+    all of them."""
+
+    segments: tuple[tuple[FeatureLayout, tuple[int, ...]], ...]  # (layout, one sample's shape)
+
+    @property
+    def name(self) -> str:
+        return "packed(" + ",".join(f"{layout.name}:{'x'.join(map(str, shape))}" for layout, shape in self.segments) + ")"
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(shape for _, shape in self.segments)
+
+    def resolution(self, shape=None) -> int:
+        """The level a boundary has reached: that of its coarsest tensor (the output of
+        the latest downsampling)."""
+        return min(layout.resolution((1, *s)) for layout, s in self.segments)
+
+    def channels(self, shape=None) -> int:
+        return sum(layout.channels((1, *s)) for layout, s in self.segments)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layout.pool(t) for (layout, _), t in zip(self.segments, unpack(x, self.shapes))], dim=1)
+
+    def scale(self, x: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
+        factors = per_channel.split([layout.channels((1, *s)) for layout, s in self.segments], dim=1)
+        parts = unpack(x, self.shapes)
+        return pack(*(layout.scale(t, f) for (layout, _), t, f in zip(self.segments, parts, factors)))
+
+
+def layout_named(name: str) -> FeatureLayout | PackedLayout:
+    """The layout a name (`FeatureLayout.name`, `PackedLayout.name`) stands for."""
+    if name in LAYOUTS:
+        return LAYOUTS[name]
+    inner = name.removeprefix("packed(").removesuffix(")")
+    if inner == name:
+        raise ValueError(f"unknown feature layout {name!r}; known: {', '.join(LAYOUTS)} and packed(...)")
+    segments = []
+    for item in inner.split(","):
+        layout, _, shape = item.partition(":")
+        segments.append((LAYOUTS[layout], tuple(int(v) for v in shape.split("x"))))
+    return PackedLayout(tuple(segments))
+
+
+def pack(*tensors: torch.Tensor) -> torch.Tensor:
+    """Tensors of one batch as one [B, D] tensor: each sample's values, tensor after tensor."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+
+
+def unpack(packed: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors `pack` joined, given one sample's shape of each (contiguous, as they
+    were, so that the layers after them compute exactly what they computed before)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return tuple(
+        part.reshape(packed.shape[0], *shape).contiguous() for part, shape in zip(packed.split(sizes, dim=1), shapes)
+    )

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .layout import LAYOUTS
+from .layout import layout_named
 
 PHASES = ("stem", "routed")
 
@@ -191,7 +191,7 @@ class RoutedStage(nn.Module):
 
     def key(self, x: torch.Tensor) -> torch.Tensor:
         """A sample's summary for routing: the global average of the part's input, [B, C]."""
-        return LAYOUTS[self.in_layout].pool(x)
+        return layout_named(self.in_layout).pool(x)
 
     def forward(self, x, *side_inputs):
         if not (self.spec.side_inputs or self.spec.side_outputs):

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from ..layout import LAYOUTS
+from ..layout import layout_named
 from ..routed_stage import PartSpec, RoutedStage, weigh
 
 
@@ -116,7 +116,7 @@ class MultiPathStage(RoutedStage):
         outputs = [procedure(path) for procedure, path in zip(self.procedures, inputs)]
         if self.combiner is None:
             return tuple(outputs)
-        pool = LAYOUTS[self.spec.out_layout].pool
+        pool = layout_named(self.spec.out_layout).pool
         logits = self.combiner(torch.cat([pool(y) for y in outputs], dim=1).to(self.combiner.weight.dtype))
         weights = self.combining_probe(torch.softmax(logits, dim=1))
         return weigh(weights.unsqueeze(2), torch.stack(outputs, dim=1)).squeeze(1)

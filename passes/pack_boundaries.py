@@ -1,0 +1,164 @@
+"""Rewrites: carry the tensors alive at a boundary as one tensor where more than one is.
+
+Stages are delimited at single-tensor cuts of the main path (`main_path`). Some networks
+lower their resolution only where several tensors are alive: NASNet's and PNASNet's cells
+read the two previous cells' outputs, a decoder reads an early feature map. `PackBoundaries`
+looks at each stretch between two consecutive cuts that lowers the resolution (a boundary
+inside it, or the cut it ends at, is coarser than the cut it starts at) and, at every module edge inside
+it where only batched feature tensors are alive, inserts `packed = pack(a, b, ...)` and
+`unpack(packed)`, whose parts replace a, b, ... in every later read. The packed tensor is
+a single-tensor cut, so the stage rule applies unchanged and a routed part takes and gives
+one tensor; a routing key pools every tensor packed in it (`PackedLayout`). Packing copies
+values and unpacking restores shapes and contiguity, so the function is unchanged.
+`RemoveInnerPacks`, after the parts are outlined, removes the packs that no part boundary
+needs. Needs `ShapePropagation` first, and reruns it where it packed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from rmn_fx.nn.layout import FeatureLayout, pack, unpack
+
+from .find_stages import DROP_FACTOR, GraphFacts, reads_sizes_only
+from .infra import PassBase, PassResult
+from .shape_prop import ShapePropagation, carries_tensors, tensor_shape
+
+
+def live_tensors(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
+    """Per position p: the tensors computed from the input's values at or before p whose
+    values a node after p reads (the output reads after every position), in forward order.
+    Sizes are no values: a decoder that reads the input's sizes does not keep the input
+    alive, and a table computed from sizes alone is a side value of the parts that read it."""
+    end = len(facts.nodes)
+    from_values = _computed_from_values(facts.cuts[0])
+    alive: dict[fx.Node, int] = {}  # tensor -> the position of its last read
+    live = []
+    for p, node in enumerate(facts.nodes):
+        readers = [u for u in node.users if not reads_sizes_only(u)]
+        if node in from_values and carries_tensors(node) and readers:
+            alive[node] = max(end if u.op == "output" else facts.pos[u] for u in readers)
+        alive = {n: last for n, last in alive.items() if last > p}
+        live.append(tuple(alive))
+    return live
+
+
+def _computed_from_values(start: fx.Node) -> set[fx.Node]:
+    """`start` and the nodes computed from its values (not from its sizes alone)."""
+    seen, todo = {start}, [start]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and not reads_sizes_only(user):
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def crossed_positions(facts: GraphFacts) -> list[bool]:
+    """Per position p: whether a module other than a container or a leaf call has nodes
+    both at or before p and after it (no part boundary may lie there)."""
+    depth = [0] * (len(facts.nodes) + 1)
+    for path, (first, last) in facts.spans.items():
+        if path not in facts.splittable:
+            depth[first] += 1
+            depth[last] -= 1
+    crossed, inside = [], 0
+    for change in depth[:-1]:
+        inside += change
+        crossed.append(inside > 0)
+    return crossed
+
+
+def packable_boundaries(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
+    """The live sets to pack, each after the position of its latest tensor (see the module
+    docstring): several tensors, all batched feature maps or token sequences, at a module
+    edge, in a stretch between cuts that lowers the resolution; each set once."""
+    live, crossed = live_tensors(facts), crossed_positions(facts)
+    chosen: list[tuple[fx.Node, ...]] = []
+    for start, end in zip(facts.cuts, facts.cuts[1:]):
+        stretch: list[tuple[fx.Node, ...]] = []
+        for p in range(facts.pos[start] + 1, facts.pos[end]):
+            tensors = live[p]
+            if len(tensors) < 2 or crossed[p] or (stretch and set(stretch[-1]) == set(tensors)):
+                continue
+            if all(isinstance(n.meta.get("rmn_layout"), FeatureLayout) for n in tensors):
+                stretch.append(tensors)
+        levels = [min(n.meta["rmn_resolution"] for n in tensors) for tensors in stretch] + [end.meta.get("rmn_resolution")]
+        level = start.meta.get("rmn_resolution")
+        if stretch and level is not None and any(r is not None and r * DROP_FACTOR <= level for r in levels):
+            chosen.extend(stretch)
+    return chosen
+
+
+def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx.Node, ...]) -> tuple[fx.Node, ...]:
+    """`packed = pack(*live)` after the latest of `live`; its parts replace `live` in every
+    read after it. `originals`: the tensors of the traced graph that `live` stand for (their
+    shapes and names). Returns the parts."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    latest = max(live, key=position.__getitem__)
+    readers = {n: [u for u in n.users if u.op == "output" or position[u] > position[latest]] for n in live}
+    with graph.inserting_after(latest):
+        packed = graph.create_node("call_function", pack, tuple(live), name=f"{originals[live.index(latest)].name}_packed")
+    with graph.inserting_after(packed):
+        unpacked = graph.call_function(unpack, (packed, tuple(tensor_shape(n)[1:] for n in originals)))
+    parts, previous = [], unpacked
+    for k, (node, original) in enumerate(zip(live, originals, strict=True)):
+        with graph.inserting_after(previous):
+            previous = graph.create_node("call_function", operator.getitem, (unpacked, k), name=f"{original.name}_unpacked")
+        for reader in readers[node]:
+            reader.replace_input_with(node, previous)
+        parts.append(previous)
+    return tuple(parts)
+
+
+class PackBoundaries(PassBase):
+    """Insert `pack` / `unpack` where a stretch of the main path hides a drop (see above),
+    then annotate the new nodes with `shapes` (the ShapePropagation that ran before)."""
+
+    def __init__(self, shapes: ShapePropagation) -> None:
+        self.shapes = shapes
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        boundaries = packable_boundaries(GraphFacts(graph_module))
+        current: dict[fx.Node, fx.Node] = {}  # a tensor -> the part that now stands for it after the last pack
+        for live in boundaries:
+            tensors = tuple(current.get(n, n) for n in live)
+            current.update(zip(live, _insert_pack(graph_module.graph, tensors, live)))
+        if boundaries:
+            graph_module.graph.lint()
+            graph_module.recompile()
+            self.shapes(graph_module)
+        return PassResult(graph_module, bool(boundaries))
+
+
+class RemoveInnerPacks(PassBase):
+    """In every outlined part, read the tensors a `pack` joined straight from it where the
+    same part unpacks them again: only packs that cross from one part to the next remain."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        modified = False
+        for part in graph_module.children():
+            if isinstance(part, fx.GraphModule) and _bypass_packs(part.graph):
+                part.recompile()
+                modified = True
+        return PassResult(graph_module, modified)
+
+
+def _bypass_packs(graph: fx.Graph) -> bool:
+    found = False
+    for parts in [n for n in graph.nodes if n.op == "call_function" and n.target is unpack]:
+        packed = parts.args[0]
+        if packed.op != "call_function" or packed.target is not pack:
+            continue
+        for item in list(parts.users):
+            item.replace_all_uses_with(packed.args[item.args[1]])
+            graph.erase_node(item)
+        graph.erase_node(parts)
+        if not packed.users:
+            graph.erase_node(packed)
+        found = True
+    if found:
+        graph.lint()
+    return found
