@@ -49,7 +49,7 @@ import torch
 from torch import fx, nn
 
 from rmn_fx.errors import NoDownsamplingError, StageError
-from rmn_fx.nn.layout import FeatureLayout, unpack
+from rmn_fx.nn.layout import FeatureLayout, pack, unpack
 
 from .infra import PassBase, PassResult
 from .main_path import main_path
@@ -432,6 +432,8 @@ def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[t
         start, end = facts.spans[first_module][0], facts.spans[last_module][1]
         if end < start:
             raise StageError(f"stage range {first_module}:{last_module} is backwards: '{last_module}' runs before '{first_module}'")
+        if end not in facts.cut_at and _packs(facts.nodes[end + 1 : end + 2]):  # the tensors alive after it, packed
+            end += 1
         if end not in facts.cut_at:
             raise StageError(
                 f"a stage cannot end at '{last_module}': its output is not on the main path "
@@ -486,6 +488,11 @@ def stem_side_values(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
         if node in from_sizes and carries_tensors(node) and any(facts.pos[u] > end for u in node.users):
             values |= _ancestors_among(node, from_sizes)
     return values
+
+
+def _packs(nodes: Sequence[fx.Node]) -> bool:
+    """The nodes are one `pack` (see `pack_boundaries`)."""
+    return len(nodes) == 1 and nodes[0].op == "call_function" and nodes[0].target is pack
 
 
 def reads_sizes_only(node: fx.Node) -> bool:

@@ -41,6 +41,7 @@ from .measure import (
     relative_error,
 )
 from .models import check_convertible, create_model, default_input_size
+from .nn.layout import PackedLayout
 from .nn.modes import training_mode
 from .nn.routed_stage import PartSpec, routed_stages
 from .nn.rules import RoutingConfig, rule_class
@@ -73,8 +74,8 @@ class Anatomy:
                 {
                     "part": name,
                     "modules": list(self.graph_module.meta["rmn_part_modules"].get(name, ())),
-                    "in_shape": list(stage.in_shape[1:]) if stage else None,
-                    "out_shape": list(stage.out_shape[1:]) if stage else None,
+                    "in_shape": _sample_shape(stage.in_layout, stage.in_shape) if stage else None,
+                    "out_shape": _sample_shape(stage.out_layout, stage.out_shape) if stage else None,
                     "layout": stage.in_layout.name if stage else None,
                     "params": count_params(part),
                     "flops_share": per_module.get(name, 0) / total if total else 0.0,
@@ -87,6 +88,13 @@ class Anatomy:
         if not all(s.modules for s in self.stages):
             return None
         return ",".join(f"{s.modules[0]}:{s.modules[-1]}" for s in self.stages)
+
+
+def _sample_shape(layout, shape) -> list:
+    """One sample's shape at a stage's end; for tensors packed there, each one's shape."""
+    if isinstance(layout, PackedLayout):
+        return [list(s) for s in layout.shapes]
+    return list(shape[1:])
 
 
 def part_order_of(gm: fx.GraphModule) -> list[str]:

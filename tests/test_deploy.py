@@ -23,7 +23,7 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_cnn
+from tiny_models import TwoInputCells, tiny_cnn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import rmn_fx
@@ -101,6 +101,21 @@ def test_onnx_model_matches_eager_with_every_procedure_used_and_some_empty(tmp_p
     for tensor in rule_tensors:  # memories, attention and gates are in the graph (reshaped, maybe), not baked into a route
         values = tensor.detach().numpy()
         assert any(c.size == values.size and (np.allclose(c.ravel(), values.ravel()) or np.allclose(c.ravel(), values.T.ravel())) for c in constants)
+
+
+@routings
+def test_packed_boundaries_export_to_onnx_with_parity(rule, options):
+    """Stages that take and give two packed tensors (NASNet's pattern) run in ONNX Runtime
+    as in eager, every procedure of the hard rules used at batch 64."""
+    gm = rmn_fx.transform(TwoInputCells(), branches=3, routing=rule, input_size=(3, 64, 64), **options).eval()
+    randomize_rule_weights(gm)
+    x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    spread_routes(gm, x)
+    program = rmn_fx.export(gm, "onnx")
+    rows = check_parity(gm, FORMATS["onnx"].runner(program), x, batches=(1, 2, 7, 64))
+    assert all(row.ok for row in rows), rows
+    if hard_routed(gm):
+        assert rows[-1].procedures_used == [3] * len(hard_routed(gm))
 
 
 class OneProcedureDispatch(torch.nn.Module):

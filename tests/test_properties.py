@@ -39,6 +39,8 @@ def links(gm) -> list[tuple[bool, bool]]:
 def test_detected_stages_are_the_true_stages(spec):
     anatomy = rmn_fx.analyze(spec.build(), input_size=spec.input_size)
     assert [s.modules for s in anatomy.stages] == spec.expected
+    named = rmn_fx.analyze(spec.build(), input_size=spec.input_size, stages=anatomy.stage_ranges())
+    assert [s.modules for s in named.stages] == spec.expected  # named by module paths, the same stages (packed ones too)
 
 
 @pytest.mark.parametrize("rule, options", [("memory", {"attention": True}), ("cross-connections", {})], ids=["memory", "cross-connections"])

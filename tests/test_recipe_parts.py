@@ -21,6 +21,7 @@ from rmn_fx.recipes.trainer import stop_at_once
 
 import rmn_fx
 from rmn_fx.errors import StageError, TrainingInterrupted
+from rmn_fx.nn.layout import PackedLayout
 from rmn_fx.nn.routed_stage import routed_stages
 
 
@@ -169,6 +170,12 @@ def test_tiny_imagenet_val_annotations_give_the_test_labels(tmp_path):
         load_data(f"imagefolder:{root}", image_size=64)
 
 
+def map_sides(layout, shape) -> list[tuple[int, ...]]:
+    """The last two sizes (H, W) of each map at a stage's end (several where they are packed)."""
+    shapes = layout.shapes if isinstance(layout, PackedLayout) else [shape[1:]]
+    return [tuple(s[-2:]) for s in shapes]
+
+
 @settings(max_examples=15, deadline=None)
 @given(backbones())
 def test_removing_downsamplings_keeps_the_stages_and_their_resolution(spec):
@@ -179,9 +186,9 @@ def test_removing_downsamplings_keeps_the_stages_and_their_resolution(spec):
     plain = rmn_fx.transform(model, branches=2, input_size=size)
     small = rmn_fx.transform(model, branches=2, input_size=size, remove_downsamplings=1)
     assert small.meta["rmn_fx"]["stage_plan"] == plain.meta["rmn_fx"]["stage_plan"]
-    for a, b in zip(plain.meta["rmn_stages"], small.meta["rmn_stages"]):
-        assert b.in_shape[-2:] == tuple(2 * s for s in a.in_shape[-2:])  # H, W (a video keeps its frames)
-        assert b.out_shape[-2:] == tuple(2 * s for s in a.out_shape[-2:])
+    for a, b in zip(plain.meta["rmn_stages"], small.meta["rmn_stages"]):  # H, W of every map (a video keeps its frames)
+        assert map_sides(b.in_layout, b.in_shape) == [tuple(2 * s for s in hw) for hw in map_sides(a.in_layout, a.in_shape)]
+        assert map_sides(b.out_layout, b.out_shape) == [tuple(2 * s for s in hw) for hw in map_sides(a.out_layout, a.out_shape)]
     assert small(torch.randn(2, *size)).shape == plain(torch.randn(2, *size)).shape
 
 

@@ -12,6 +12,7 @@ import torchvision
 import rmn_fx
 from rmn_fx.errors import NoDownsamplingError, StageError
 from rmn_fx.measure import relative_error, spread_routes
+from tiny_models import TwoInputCells
 
 
 def stages_of(model, size=64, stages=None):
@@ -88,26 +89,6 @@ def test_a_stem_that_does_not_downsample_ends_before_the_first_block():
     anatomy, stages = stages_of(model, size=32)
     assert anatomy.graph_module.meta["rmn_part_modules"]["stem"] == ("conv1", "bn1", "relu", "maxpool")
     assert stages == [("layer1",), ("layer2",), ("layer3",), ("layer4",)]
-
-
-class TwoInputCells(torch.nn.Module):
-    """NASNet's pattern: each cell reads the two previous cells' outputs, so two tensors are
-    alive wherever the network downsamples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
-        self.cell1 = torch.nn.Conv2d(8, 8, 3, 1, 1)
-        self.cell2_a, self.cell2_b = torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 2, 1)
-        self.cell3_a, self.cell3_b = torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 4, 1)
-        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
-
-    def forward(self, x):
-        x0 = self.stem(x)
-        x1 = self.cell1(x0)
-        x2 = self.cell2_a(x1) + self.cell2_b(x0)
-        x3 = self.cell3_a(x2) + self.cell3_b(x1)
-        return self.head(x3)
 
 
 def test_boundaries_where_two_tensors_are_alive_carry_both_packed():

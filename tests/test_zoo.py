@@ -110,9 +110,11 @@ def test_parameter_counts_match_the_paper(name):
     assert abs(ours - PAPER[name]) / PAPER[name] < 0.005, f"{name}: {ours / 1e6:.2f}M vs paper {PAPER[name] / 1e6}M"
 
 
-def nominal_reduction(side: int, stage) -> int:
-    """The stage's downsampling factor, rounded to a power of two (299 / 8 -> 32)."""
-    measured = side / stage.out_layout.resolution(stage.out_shape) ** 0.5
+def nominal_reduction(side: int, stage, end: str = "out") -> int:
+    """The downsampling factor at the stage's output (or input: `end` "in"), rounded to a
+    power of two (299 / 8 -> 32)."""
+    layout, shape = (stage.out_layout, stage.out_shape) if end == "out" else (stage.in_layout, stage.in_shape)
+    measured = side / layout.resolution(shape) ** 0.5
     return 2 ** round(math.log2(measured))
 
 
@@ -124,9 +126,14 @@ def assert_feature_info_levels_end_stages(name: str) -> None:
     side = anatomy.input_size[-1]
     stem = anatomy.graph_module.meta["rmn_part_modules"]["stem"]
     ours = [(nominal_reduction(side, s), s.modules) for s in anatomy.stages]
+    known = {path for path, _ in model.named_modules()}
     for info in model.feature_info:
         module = info["module"]
         if any(module == m or module.startswith(m + ".") for m in stem):
+            continue
+        if module not in known:  # a name of timm's own feature hooks (HRNet's 'stem', 'stage1'): the level alone
+            first = nominal_reduction(side, anatomy.stages[0], end="in")
+            assert info["reduction"] in {first, *(r for r, _ in ours)}, f"{name}: timm level {info['reduction']} ({module}) is none of ours"
             continue
         assert any(
             _level_ends_stage(info["reduction"], module, reduction, modules) for reduction, modules in ours
@@ -164,13 +171,9 @@ def test_timm_zoo_converts_or_fails_clearly(name):
 
 
 ORACLE_MODELS = [n for n in TIMM_MODELS if not n.startswith(("vit_", "deit_"))]  # no downsampling: no levels to find
-MULTI_RESOLUTION = "HRNet keeps every resolution alive in parallel branches: no single-tensor cut between its levels"
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=MULTI_RESOLUTION)) if n.startswith("hrnet") else n for n in ORACLE_MODELS],
-)
+@pytest.mark.parametrize("name", ORACLE_MODELS)
 def test_timm_zoo_stages_agree_with_feature_info(name):
     assert_feature_info_levels_end_stages(name)

@@ -35,6 +35,26 @@ def tiny_gn(num_classes: int = 10) -> nn.Module:
     return model
 
 
+class TwoInputCells(nn.Module):
+    """NASNet's pattern: each cell reads the two previous cells' outputs, so two tensors are
+    alive wherever the network downsamples."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.cell1 = nn.Conv2d(8, 8, 3, 1, 1)
+        self.cell2_a, self.cell2_b = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.cell3_a, self.cell3_b = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 4, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        x1 = self.cell1(x0)
+        x2 = self.cell2_a(x1) + self.cell2_b(x0)
+        x3 = self.cell3_a(x2) + self.cell3_b(x1)
+        return self.head(x3)
+
+
 def no_downsampling(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(conv(3, 8), conv(8, 8), conv(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 

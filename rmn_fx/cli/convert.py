@@ -151,4 +151,9 @@ def _ratio(value: float, reference: float) -> str:
 
 
 def _shape(shape) -> str:
-    return "x".join(map(str, shape)) if shape else "-"
+    """8x32x32, or 8x32x32+8x16x16 for tensors packed at a boundary."""
+    if not shape:
+        return "-"
+    if isinstance(shape[0], list):
+        return "+".join(map(_shape, shape))
+    return "x".join(map(str, shape))

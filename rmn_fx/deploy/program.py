@@ -62,5 +62,5 @@ def quiet_exporter():
 
 def failing_call(message: str) -> str | None:
     """The source line an exporter's message blames (its last quoted `File ..., line N` frame)."""
-    frames = re.findall(r'File "[^"]+", line \d+, in \S+\n\s+(.+)', message)
+    frames = re.findall(r'File "[^"]+", line \d+, in \S+\n[ \t]+(\S.*)', message)  # the source line right below, if any
     return frames[-1].strip() if frames else None
