@@ -16,6 +16,7 @@ needs. Needs `ShapePropagation` first, and reruns it where it packed.
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 from torch import fx
@@ -77,7 +78,8 @@ def packable_boundaries(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
     edge, in a stretch between cuts that lowers the resolution; each set once."""
     live, crossed = live_tensors(facts), crossed_positions(facts)
     chosen: list[tuple[fx.Node, ...]] = []
-    for start, end in zip(facts.cuts, facts.cuts[1:]):
+    output = next(n for n in reversed(facts.nodes) if n.op == "output")
+    for start, end in itertools.pairwise([*facts.cuts, output]):  # the last stretch: up to the output (a backbone's dict of maps)
         stretch: list[tuple[fx.Node, ...]] = []
         for p in range(facts.pos[start] + 1, facts.pos[end]):
             tensors = live[p]
@@ -114,7 +116,8 @@ def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx
 
 
 class PackBoundaries(PassBase):
-    """Insert `pack` / `unpack` where a stretch of the main path hides a drop (see above),
+    """Insert `pack` / `unpack` where a stretch of the main path lowers the resolution with
+    several tensors alive (see above),
     then annotate the new nodes with `shapes` (the ShapePropagation that ran before)."""
 
     def __init__(self, shapes: ShapePropagation) -> None:

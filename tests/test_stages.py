@@ -8,11 +8,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from tiny_models import TwoInputCells
 
 import rmn_fx
 from rmn_fx.errors import NoDownsamplingError, StageError
 from rmn_fx.measure import relative_error, spread_routes
-from tiny_models import TwoInputCells
 
 
 def stages_of(model, size=64, stages=None):
@@ -331,3 +331,20 @@ def test_block_granularity_cuts_through_stage_wrappers_only(stage, blocks_per_st
     x = torch.randn(2, *size)
     with torch.no_grad():
         assert torch.allclose(gm(x), net.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_backbone_that_returns_every_level_routes_every_stage():
+    """A detector's backbone body returns a dict of every stage's maps (FPN): the maps
+    handed to the output travel packed through the later stages, and keep their names."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    body = IntermediateLayerGetter(torchvision.models.resnet18(), {f"layer{i}": str(i - 1) for i in range(1, 5)}).eval()
+    anatomy, stages = stages_of(body)
+    assert stages == [("layer1",), ("layer2",), ("layer3",), ("layer4",)]
+    assert [len(getattr(s.out_layout, "segments", [s])) for s in anatomy.stages] == [1, 2, 3, 4]
+    gm = rmn_fx.transform(body, branches=2, input_size=(3, 64, 64))
+    x = torch.randn(3, 3, 64, 64)
+    spread_routes(gm, x)
+    with torch.no_grad():
+        want, got = body(x), gm(x)
+    assert list(got) == list(want) and all(relative_error(want[k], got[k]) <= 1e-6 for k in want)

@@ -18,7 +18,12 @@ from .options import (
 def build(model: str, num_classes, weights, input_size):
     """The network MODEL names (with local weights, if given) and the input size to analyse
     it at: the one asked for, else the model's own (which may depend on its name)."""
-    from rmn_fx.models import check_convertible, create_model, default_input_size, load_weights
+    from rmn_fx.models import (
+        check_convertible,
+        create_model,
+        default_input_size,
+        load_weights,
+    )
 
     check_convertible(model)
     net = create_model(model, num_classes)
