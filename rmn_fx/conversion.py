@@ -1,7 +1,8 @@
 """The public API: analyse a backbone, and transform it into a routed GraphModule.
 
-    analyze:   trace -> ShapePropagation -> FindStages -> OutlineParts   (an Anatomy)
-    transform: analyze -> RouteStages -> verify on the sample input     (a GraphModule)
+    analyze:   trace -> ShapePropagation -> PackBoundaries -> FindStages -> OutlineParts
+               -> RemoveInnerPacks -> CheckStagesKeepSamplesApart          (an Anatomy)
+    transform: analyze -> RouteStages -> verify on the sample input      (a GraphModule)
 
 The converted GraphModule's top-level code reads stem -> stage_1 ... stage_S -> head, and
 `gm.meta["rmn_fx"]` records how it was made (what `save` stores to rebuild it).
