@@ -53,7 +53,7 @@ from rmn_fx.nn.layout import FeatureLayout, pack, unpack
 
 from .infra import PassBase, PassResult
 from .main_path import main_path
-from .shape_prop import carries_tensors, tensor_shape
+from .shape_prop import calls, carries_tensors, tensor_shape
 from .side_values import BATCH_SIZE, INDEPENDENT, classify
 
 DROP_FACTOR = 1.5
@@ -138,7 +138,7 @@ class GraphFacts:
         self.gm = graph_module
         self.nodes = list(graph_module.graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
-        self.cuts = [c for c in main_path(graph_module.graph) if not (c.op == "call_function" and c.target is unpack)]  # its pack is the boundary
+        self.cuts = [c for c in main_path(graph_module.graph) if not calls(c, unpack)]  # its pack is the boundary
         self.cut_at = {self.pos[c]: k for k, c in enumerate(self.cuts)}  # node position -> cut index
         self.from_input = _descendants(self.cuts[0])  # the nodes computed from the input, the input included
         self.spans, self.splittable, self.delegating = self._module_spans()
@@ -432,7 +432,7 @@ def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[t
         start, end = facts.spans[first_module][0], facts.spans[last_module][1]
         if end < start:
             raise StageError(f"stage range {first_module}:{last_module} is backwards: '{last_module}' runs before '{first_module}'")
-        if end not in facts.cut_at and _packs(facts.nodes[end + 1 : end + 2]):  # the tensors alive after it, packed
+        if end not in facts.cut_at and end + 1 < len(facts.nodes) and calls(facts.nodes[end + 1], pack):  # the tensors alive after it, packed
             end += 1
         if end not in facts.cut_at:
             raise StageError(
@@ -488,11 +488,6 @@ def stem_side_values(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
         if node in from_sizes and carries_tensors(node) and any(facts.pos[u] > end for u in node.users):
             values |= _ancestors_among(node, from_sizes)
     return values
-
-
-def _packs(nodes: Sequence[fx.Node]) -> bool:
-    """The nodes are one `pack` (see `pack_boundaries`)."""
-    return len(nodes) == 1 and nodes[0].op == "call_function" and nodes[0].target is pack
 
 
 def reads_sizes_only(node: fx.Node) -> bool:

@@ -25,7 +25,7 @@ from rmn_fx.nn.layout import FeatureLayout, pack, unpack
 
 from .find_stages import DROP_FACTOR, GraphFacts, reads_sizes_only
 from .infra import PassBase, PassResult
-from .shape_prop import ShapePropagation, carries_tensors, tensor_shape
+from .shape_prop import ShapePropagation, calls, carries_tensors, tensor_shape
 
 
 def live_tensors(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
@@ -117,8 +117,8 @@ def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx
 
 class PackBoundaries(PassBase):
     """Insert `pack` / `unpack` where a stretch of the main path lowers the resolution with
-    several tensors alive (see above),
-    then annotate the new nodes with `shapes` (the ShapePropagation that ran before)."""
+    several tensors alive (see above), then annotate the new nodes with `shapes` (the
+    ShapePropagation that ran before)."""
 
     def __init__(self, shapes: ShapePropagation) -> None:
         self.shapes = shapes
@@ -151,9 +151,9 @@ class RemoveInnerPacks(PassBase):
 
 def _bypass_packs(graph: fx.Graph) -> bool:
     found = False
-    for parts in [n for n in graph.nodes if n.op == "call_function" and n.target is unpack]:
+    for parts in [n for n in graph.nodes if calls(n, unpack)]:
         packed = parts.args[0]
-        if packed.op != "call_function" or packed.target is not pack:
+        if not calls(packed, pack):
             continue
         for item in list(parts.users):
             item.replace_all_uses_with(packed.args[item.args[1]])

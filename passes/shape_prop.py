@@ -36,6 +36,11 @@ def carries_tensors(node: fx.Node) -> bool:
     return "tensor_meta" in node.meta
 
 
+def calls(node: fx.Node, function) -> bool:
+    """`node` calls `function` (a `pack` or `unpack` of `pack_boundaries`, say)."""
+    return node.op == "call_function" and node.target is function
+
+
 def _plain(value):
     """`value` with fx's immutable lists and dicts, however nested, as plain ones."""
     if isinstance(value, list):
@@ -107,7 +112,7 @@ class ShapePropagation(PassBase):
         batch, image_hw = self.sample.shape[0], tuple(self.sample.shape[-2:])
         for node in graph_module.graph.nodes:
             shape = tensor_shape(node)
-            layout = _packed_layout(node) if node.op == "call_function" and node.target is pack else infer_layout(shape, batch, image_hw) if shape else None
+            layout = _packed_layout(node) if calls(node, pack) else infer_layout(shape, batch, image_hw) if shape else None
             if layout is not None:
                 node.meta["rmn_layout"] = layout
                 node.meta["rmn_resolution"] = layout.resolution(shape)

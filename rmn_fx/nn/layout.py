@@ -10,6 +10,7 @@ frame) of that layout.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -89,25 +90,31 @@ class PackedLayout:
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple(shape for _, shape in self.segments)
 
+    @property
+    def segment_channels(self) -> list[int]:
+        return [layout.channels((1, *shape)) for layout, shape in self.segments]
+
     def resolution(self, shape=None) -> int:
         """The level a boundary has reached: that of its coarsest tensor (the output of
         the latest downsampling)."""
         return min(layout.resolution((1, *s)) for layout, s in self.segments)
 
     def channels(self, shape=None) -> int:
-        return sum(layout.channels((1, *s)) for layout, s in self.segments)
+        return sum(self.segment_channels)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([layout.pool(t) for (layout, _), t in zip(self.segments, unpack(x, self.shapes))], dim=1)
 
     def scale(self, x: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
-        factors = per_channel.split([layout.channels((1, *s)) for layout, s in self.segments], dim=1)
+        factors = per_channel.split(self.segment_channels, dim=1)
         parts = unpack(x, self.shapes)
         return pack(*(layout.scale(t, f) for (layout, _), t, f in zip(self.segments, parts, factors)))
 
 
+@functools.cache
 def layout_named(name: str) -> FeatureLayout | PackedLayout:
-    """The layout a name (`FeatureLayout.name`, `PackedLayout.name`) stands for."""
+    """The layout a name (`FeatureLayout.name`, `PackedLayout.name`) stands for (parsed
+    once per name: keys and attention look it up on every forward)."""
     if name in LAYOUTS:
         return LAYOUTS[name]
     inner = name.removeprefix("packed(").removesuffix(")")
