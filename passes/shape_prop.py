@@ -4,6 +4,10 @@ Records `meta["tensor_meta"]` as `torch.fx.passes.shape_prop.ShapeProp` does (wi
 traceback printing, so a rejected input size gives one clean error naming the node) and,
 on every node that holds a batched feature map, `meta["rmn_layout"]` (a FeatureLayout)
 and `meta["rmn_resolution"]` (spatial positions per sample). No mutation of the graph.
+
+A tensor counts as batched only if a second probe, one sample larger, grows its first
+dimension by one and leaves the rest: at the sample batch alone, a stacked dimension of
+the same size (CrossViT's two heads' logits, [2, B, classes]) would read as the batch.
 """
 
 from __future__ import annotations
@@ -86,6 +90,22 @@ class _ShapeRecorder(PlainArgsInterpreter):
         return result
 
 
+class _ShapeProbe(PlainArgsInterpreter):
+    """Runs the graph and keeps only the shape of every node that returns one tensor."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+        self.current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = tuple(result.shape)
+        return result
+
+
 class ShapePropagation(PassBase):
     """Annotate shapes (`tensor_meta`), layouts and resolutions from one sample forward.
 
@@ -110,13 +130,34 @@ class ShapePropagation(PassBase):
                 f"({reason}); pass an input size it accepts (--input-size C,H,W, or C,T,H,W for a video)"
             ) from exc
         batch, image_hw = self.sample.shape[0], tuple(self.sample.shape[-2:])
+        larger = self._probe_one_sample_more(graph_module)
         for node in graph_module.graph.nodes:
             shape = tensor_shape(node)
-            layout = _packed_layout(node) if calls(node, pack) else infer_layout(shape, batch, image_hw) if shape else None
+            if calls(node, pack):
+                layout = _packed_layout(node)
+            elif shape and larger.get(node) == (shape[0] + 1, *shape[1:]):
+                layout = infer_layout(shape, batch, image_hw)
+            else:
+                layout = None
             if layout is not None:
                 node.meta["rmn_layout"] = layout
                 node.meta["rmn_resolution"] = layout.resolution(shape)
         return PassResult(graph_module, False)
+
+
+    def _probe_one_sample_more(self, graph_module: fx.GraphModule) -> dict[fx.Node, tuple[int, ...]]:
+        """Every tensor node's shape on the sample batch plus one sample (its first again)."""
+        probe = _ShapeProbe(graph_module)
+        try:
+            with training_mode(graph_module, False), torch.no_grad():
+                probe.run(torch.cat([self.sample, self.sample[:1]]))
+        except Exception as exc:
+            raise InputSizeError(
+                f"{type(graph_module).__name__} runs a batch of {self.sample.shape[0]} but not of "
+                f"{self.sample.shape[0] + 1} (node '{probe.current}': {first_line(exc)}); routed, each procedure "
+                "gets a sub-batch of any size, so the model must accept any batch size"
+            ) from exc
+        return probe.shapes
 
 
 def _packed_layout(node: fx.Node) -> PackedLayout | None:

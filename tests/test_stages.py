@@ -11,7 +11,7 @@ import torchvision
 from tiny_models import TwoInputCells
 
 import rmn_fx
-from rmn_fx.errors import NoDownsamplingError, StageError
+from rmn_fx.errors import InputSizeError, NoDownsamplingError, StageError
 from rmn_fx.measure import relative_error, spread_routes
 
 
@@ -221,12 +221,13 @@ def test_a_table_handed_on_that_changes_with_the_batch_is_refused():
 
 class BatchStatisticStage(torch.nn.Module):
     """Two stages; the first normalises with the batch's own statistics in eval mode too
-    (a BatchNorm that keeps no running statistics) when `mixes`, or splits its batch in two
-    halves (it takes even batches only) when `pairs`."""
+    (a BatchNorm that keeps no running statistics) when `mixes`, splits its batch in two
+    halves (it takes even batches only) when `pairs`, or asserts that it holds more than one
+    sample when `several`."""
 
-    def __init__(self, mixes: bool, pairs: bool = False) -> None:
+    def __init__(self, mixes: bool, pairs: bool = False, several: bool = False) -> None:
         super().__init__()
-        self.pairs = pairs
+        self.pairs, self.several = pairs, several
         self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
         self.stage1 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.BatchNorm2d(8, track_running_stats=not mixes), torch.nn.ReLU())
         self.stage2 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.ReLU())
@@ -234,6 +235,8 @@ class BatchStatisticStage(torch.nn.Module):
 
     def forward(self, x):
         y = self.stage1(self.stem(x))
+        if self.several:
+            torch._assert(y.size(0) > 1, "needs more than one sample")
         return self.head(self.stage2(y.unflatten(0, (2, -1)).flatten(0, 1) if self.pairs else y))
 
 
@@ -242,8 +245,10 @@ def test_a_stage_that_mixes_the_samples_of_its_batch_is_refused():
     assert len(anatomy.stages) == 2
     with pytest.raises(StageError, match=r"stage 1 \(nodes stage1_0\.\.stage1_2\) mixes the samples of its batch: its output for one sample changes by"):
         stages_of(BatchStatisticStage(mixes=True).eval(), size=32)
-    with pytest.raises(StageError, match=r"stage 1 \(nodes .*\) fails on a single sample \(RuntimeError: .*\), and routed, a procedure may receive one"):
+    with pytest.raises(InputSizeError, match=r"runs a batch of 2 but not of 3 \(node 'unflatten': .*\); routed, each procedure gets a sub-batch of any size"):
         stages_of(BatchStatisticStage(mixes=False, pairs=True).eval(), size=32)
+    with pytest.raises(StageError, match=r"stage 2 \(nodes .*\) fails on a single sample \(AssertionError: needs more than one sample\), and routed, a procedure may receive one"):
+        stages_of(BatchStatisticStage(mixes=False, several=True).eval(), size=32)
 
 
 def test_torchvision_convnext_downsample_is_not_split():
