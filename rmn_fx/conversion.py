@@ -46,7 +46,7 @@ from .nn.layout import PackedLayout
 from .nn.modes import training_mode
 from .nn.routed_stage import PartSpec, routed_stages
 from .nn.rules import RoutingConfig, rule_class
-from .tracing import describe_left_out, left_out_modules, trace
+from .tracing import CAPTURES, describe_left_out, left_out_modules, trace
 
 VERIFY_RTOL = 1e-5
 
@@ -62,6 +62,7 @@ class Anatomy:
     sample: torch.Tensor  # the input of shape propagation, on the model's device and dtype
     sample_output: object  # the base model's output on `sample`: the verification reference
     left_out: list[tuple[str, int]] = field(default_factory=list)  # (module path, parameters) the graph never uses
+    capture: str = CAPTURES[0]  # how the graph was captured (`tracing.CAPTURES`)
 
     def parts(self) -> list[dict]:
         """One row per part: name, modules, shapes, parameters, share of FLOPs."""
@@ -153,8 +154,14 @@ def analyze(
         raise OptionError(f"remove_downsamplings must be an integer >= 0, got {remove_downsamplings!r}")
     if granularity not in GRANULARITIES:
         raise OptionError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    gm = trace(base)
+    gm = trace(base, _sample_for(base, size))
+    capture = gm.meta["rmn_capture"]
     left_out = left_out_modules(base, gm)
+    if remove_downsamplings and capture != CAPTURES[0]:
+        raise OptionError(
+            "remove_downsamplings needs a graph that runs at other input sizes, but this model was traced with its "
+            "sizes fixed at the sample's (plain torch.fx cannot trace it); convert it without removing downsamplings"
+        )
     if remove_downsamplings:  # find the anatomy first, where the original network has room for it
         gm = _remove_downsamplings(gm, base, size, ranges, remove_downsamplings, granularity)
         ranges = None
@@ -163,7 +170,7 @@ def analyze(
     gm, _ = PassManager([shapes, PackBoundaries(shapes), FindStages(ranges, plan, granularity)])(gm)
     check_removed(gm)
     gm, _ = PassManager([OutlineParts(), RemoveInnerPacks(), CheckStagesKeepSamplesApart(shapes.sample)])(gm)
-    return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output, left_out)
+    return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output, left_out, capture)
 
 
 def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, count: int, granularity: str) -> fx.GraphModule:
@@ -233,6 +240,7 @@ def transform(
         "granularity": granularity,
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
         "left_out": [[path, count] for path, count in anatomy.left_out],
+        "capture": anatomy.capture,
     }
     if anatomy.left_out:
         warnings.warn(describe_left_out(anatomy.left_out), ModulesLeftOutWarning, stacklevel=2)

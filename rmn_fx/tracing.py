@@ -16,10 +16,12 @@ from __future__ import annotations
 import inspect
 import math
 
+import torch
 import torchvision.ops
 from torch import fx, nn
 
 from .errors import TraceError, first_line
+from .fixed_shape_tracing import trace_at_sample
 from .nn.modes import training_mode
 
 
@@ -76,31 +78,50 @@ def _concrete_args(model: nn.Module) -> dict:
     return fixed
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace `model` (in eval mode) to a GraphModule whose nodes keep their module paths."""
+CAPTURES = ("fx", "fx at the sample's shapes")  # how a graph was captured (`gm.meta["rmn_capture"]`)
+
+
+def trace(model: nn.Module, sample: torch.Tensor | None = None) -> fx.GraphModule:
+    """Trace `model` (in eval mode) to a GraphModule whose nodes keep their module paths.
+
+    Where plain symbolic tracing fails and a `sample` input is given, tracing runs it
+    alongside, so that Python control flow on sizes takes the sample's path
+    (`fixed_shape_tracing`); `gm.meta["rmn_capture"]` says which capture made the graph.
+    """
     if isinstance(model, fx.GraphModule):
         return model
     tracer = RMNTracer()
+    concrete_args = _concrete_args(model)
+    capture = CAPTURES[0]
     try:
         with training_mode(model, False):
-            graph = tracer.trace(model, concrete_args=_concrete_args(model))
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except TraceError:
         raise
     except Exception as exc:
-        reason = first_line(exc)
         where = (
             f"module '{tracer.failed_module[0]}' ({tracer.failed_module[1]})"
             if tracer.failed_module
             else f"{type(model).__name__}.forward"
         )
-        raise TraceError(
-            f"torch.fx cannot trace {where}: {reason}; make it traceable (e.g. remove "
-            "data-dependent control flow) or register it as a leaf with "
-            "timm.layers.register_notrace_module"
-        ) from exc
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+        failure = f"torch.fx cannot trace {where}: {first_line(exc)}"
+        if sample is None:
+            raise TraceError(f"{failure}; {_MAKE_TRACEABLE}") from exc
+        try:
+            with training_mode(model, False):
+                graph = trace_at_sample(RMNTracer, model, sample, concrete_args)
+        except TraceError as again:
+            raise TraceError(f"{failure}, nor with the sample's sizes fixed: {again}; {_MAKE_TRACEABLE}") from again
+        capture = CAPTURES[1]
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.train(model.training)
+    gm.meta["rmn_capture"] = capture
     return gm
+
+
+_MAKE_TRACEABLE = (
+    "make it traceable (e.g. remove data-dependent control flow) or register it as a leaf with timm.layers.register_notrace_module"
+)
 
 
 def left_out_modules(model: nn.Module, graph_module: fx.GraphModule) -> list[tuple[str, int]]:

@@ -15,7 +15,10 @@ vector and the batch size computed before the stages, a table the first stage co
 from its input's sizes (a rotary table, as timm's DeepSeek-ViT builds), and hands on its
 own output's sizes. With `two_inputs`, every stage after the first also reads the input of
 the stage before it (NASNet's cells read the two previous cells' outputs), so two tensors
-are alive between stages and the boundaries are packed (`PackBoundaries`).
+are alive between stages and the boundaries are packed (`PackBoundaries`). With
+`shape_branches`, forward branches in Python on its input's sizes (it checks them, and
+takes an image or a video path by rank), which plain torch.fx cannot trace, so the graph
+comes from the capture at the sample's shapes (`rmn_fx.fixed_shape_tracing`).
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class BackboneSpec:
     dense: bool = False  # a segmentation head instead of a classifier
     side_values: bool = False  # stages read and hand on batch-independent values (`SizedStage`)
     two_inputs: bool = False  # stages after the first also read the previous stage's input (`TwoInputStage`)
+    shape_branches: bool = False  # forward branches in Python on its input's sizes (plain torch.fx cannot trace it)
     classes: int = 5
     expected: list[tuple[str, ...]] = field(default_factory=list)
 
@@ -220,7 +224,8 @@ class Backbone(nn.Module):
         self.gain = nn.Parameter(torch.linspace(-1.0, 1.0, max(s.width for s in spec.stages))) if spec.side_values else None
         self.head_conv = nn.Sequential(layers.conv(cin, 2 * cin, 1), nn.ReLU()) if spec.head_conv else None
         features = 2 * cin if spec.head_conv else cin
-        self.dense, self.two_inputs = spec.dense, spec.two_inputs
+        self.dense, self.two_inputs, self.shape_branches = spec.dense, spec.two_inputs, spec.shape_branches
+        self.side = spec.input_side
         if spec.dense:  # per-position classes, upsampled to the input in forward (torchvision's FCN)
             self.head = layers.conv(features, spec.classes, 1)
         else:
@@ -229,6 +234,10 @@ class Backbone(nn.Module):
     def forward(self, x):
         gain = None if self.gain is None else 1.0 + torch.tanh(self.gain)  # batch-independent, computed before the stages
         batch = x.shape[0]
+        if self.shape_branches:
+            if x.shape[-1] != self.side or x.shape[-2] != self.side:
+                raise ValueError(f"expected {self.side}x{self.side} inputs")
+            x = x.contiguous() if x.dim() == 4 else x.clone()  # a path per rank, as Gemma4's patch embedding has
         y = self.stem(x)
         if self.two_inputs:
             previous, y = y, self.stages[0](y)
@@ -286,6 +295,7 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
     )
     kind = draw(st.sampled_from(["plain", "plain", "side_values", "two_inputs"]))
     spec.side_values, spec.two_inputs = kind == "side_values", kind == "two_inputs"
+    spec.shape_branches = draw(st.booleans())
     spec.expected = [(f"stages.{i}",) for i in range(count)]
     spec.expected[-1] += ("head_conv",) * spec.head_conv + ("head",) * spec.dense
     return spec

@@ -180,7 +180,7 @@ def map_sides(layout, shape) -> list[tuple[int, ...]]:
 @given(backbones())
 def test_removing_downsamplings_keeps_the_stages_and_their_resolution(spec):
     """Where the stem downsamples, removing that drop doubles every stage's map side."""
-    assume(spec.stem_downsamples)
+    assume(spec.stem_downsamples and not spec.shape_branches)  # sizes fixed at the sample cannot change (a test below)
     model = spec.build()
     size = spec.input_size
     plain = rmn_fx.transform(model, branches=2, input_size=size)

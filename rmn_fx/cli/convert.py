@@ -99,9 +99,9 @@ def inspect(ctx, model, weights, input_size, stages, granularity, remove_downsam
     routing = _routed_costs(net, anatomy, stages, granularity, remove_downsamplings or 0, rows, **routing_options) if asked else None
     if as_json:
         left_out = [{"module": path, "params": count} for path, count in anatomy.left_out]
-        click.echo(json.dumps({"model": model, "input_size": anatomy.input_size, "routing": routing, "parts": rows, "left_out": left_out}, indent=2))
+        click.echo(json.dumps({"model": model, "input_size": anatomy.input_size, "capture": anatomy.capture, "routing": routing, "parts": rows, "left_out": left_out}, indent=2))
         return
-    click.echo(f"{model}  input {'x'.join(map(str, anatomy.input_size))}  {len(anatomy.stages)} {granularity}s")
+    click.echo(f"{model}  input {'x'.join(map(str, anatomy.input_size))}  {len(anatomy.stages)} {granularity}s  captured by {anatomy.capture}")
     routed_header = f" {'routed params':>14} {'FLOPs x':>7}" if routing else ""
     header = f"{'part':<9} {'in':>16} {'out':>16} {'params':>12} {'FLOPs':>6}{routed_header}  modules"
     click.echo(header)
