@@ -54,7 +54,7 @@ from rmn_fx.nn.layout import FeatureLayout, pack, unpack
 from .infra import PassBase, PassResult
 from .main_path import main_path
 from .shape_prop import calls, carries_tensors, tensor_shape
-from .side_values import BATCH_SIZE, INDEPENDENT, classify
+from .side_values import BATCH_SIZE, DEPENDENT, INDEPENDENT, classify
 
 DROP_FACTOR = 1.5
 GRANULARITIES = ("stage", "block")
@@ -79,6 +79,7 @@ class Stage:
     side_inputs: tuple[str, ...] = ()  # batch-independent values computed before the stage that it reads
     side_outputs: tuple[str, ...] = ()  # batch-independent non-tensor values it hands on beside its output
     batch_sizes: tuple[str, ...] = ()  # the batch size, read before the stage: the stage reads its input's
+    carried: tuple[str, ...] = ()  # tensors with a batch axis, computed before it, that it reads: to carry in (`CarryBatchedSideInputs`)
 
     @property
     def name(self) -> str:
@@ -559,23 +560,31 @@ def _stage_from_cuts(facts: GraphFacts, index: int, a: int, b: int, stem_reads: 
 def _check_side_values(facts: GraphFacts, stages: Sequence[Stage]) -> list[Stage]:
     """A stage's procedures share the values it reads beside its input and hand on one
     procedure's values beside their output: the batch size read before the stage becomes
-    the stage's own (its input's), and any other value that changes with the batch is refused."""
+    the stage's own (its input's), a tensor with a batch axis that it reads is to be
+    carried in with its input (`Stage.carried`), and any other value that changes with the
+    batch is refused."""
     node_of = {n.name: n for n in facts.nodes}
     kinds = classify(facts.gm, [node_of[name] for stage in stages for name in (*stage.side_inputs, *stage.side_outputs)])
     checked = []
     for stage in stages:
+        carried = tuple(n for n in stage.side_inputs if kinds[node_of[n]] == DEPENDENT and node_of[n].meta.get("rmn_batched"))
         for name in (*stage.side_inputs, *stage.side_outputs):
             kind = kinds[node_of[name]]
-            if kind == INDEPENDENT or (kind == BATCH_SIZE and name in stage.side_inputs):
+            if kind == INDEPENDENT or (kind == BATCH_SIZE and name in stage.side_inputs) or name in carried:
                 continue
-            role, where = ("reads", "computed before it") if name in stage.side_inputs else ("hands on to later nodes", "beside its output")
-            raise StageError(
-                f"stage {stage.index} (nodes {stage.nodes[0]}..{stage.exit}) {role} '{name}', {where}, whose value changes "
-                "with the batch (its samples or their number), so its procedures cannot share it - choose other boundaries"
-            )
+            raise side_value_error(stage, name)
         sizes = tuple(n for n in stage.side_inputs if kinds[node_of[n]] == BATCH_SIZE)
-        checked.append(dataclasses.replace(stage, side_inputs=tuple(n for n in stage.side_inputs if n not in sizes), batch_sizes=sizes))
+        shared = tuple(n for n in stage.side_inputs if n not in sizes and n not in carried)
+        checked.append(dataclasses.replace(stage, side_inputs=shared, batch_sizes=sizes, carried=carried))
     return checked
+
+
+def side_value_error(stage: Stage, name: str) -> StageError:
+    role, where = ("reads", "computed before it") if name in (*stage.side_inputs, *stage.carried) else ("hands on to later nodes", "beside its output")
+    return StageError(
+        f"stage {stage.index} (nodes {stage.nodes[0]}..{stage.exit}) {role} '{name}', {where}, whose value changes "
+        "with the batch (its samples or their number), so its procedures cannot share it - choose other boundaries"
+    )
 
 
 class FindStages(PassBase):

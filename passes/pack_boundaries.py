@@ -23,7 +23,7 @@ from torch import fx
 
 from rmn_fx.nn.layout import FeatureLayout, pack, unpack
 
-from .find_stages import DROP_FACTOR, GraphFacts, reads_sizes_only
+from .find_stages import DROP_FACTOR, GraphFacts, reads_sizes_only, side_value_error
 from .infra import PassBase, PassResult
 from .shape_prop import ShapePropagation, calls, carries_tensors, tensor_shape
 
@@ -94,15 +94,17 @@ def packable_boundaries(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
     return chosen
 
 
-def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx.Node, ...]) -> tuple[fx.Node, ...]:
+def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx.Node, ...], carried: tuple[int, ...] = ()) -> tuple[fx.Node, ...]:
     """`packed = pack(*live)` after the latest of `live`; its parts replace `live` in every
     read after it. `originals`: the tensors of the traced graph that `live` stand for (their
-    shapes and names). Returns the parts."""
+    shapes and names); `carried`: the positions of those only carried (`PackedLayout`).
+    Returns the parts."""
     position = {n: i for i, n in enumerate(graph.nodes)}
     latest = max(live, key=position.__getitem__)
     readers = {n: [u for u in n.users if u.op == "output" or position[u] > position[latest]] for n in live}
     with graph.inserting_after(latest):
-        packed = graph.create_node("call_function", pack, tuple(live), name=f"{originals[live.index(latest)].name}_packed")
+        kwargs = {"carried": carried} if carried else {}
+        packed = graph.create_node("call_function", pack, tuple(live), kwargs, name=f"{originals[live.index(latest)].name}_packed")
     with graph.inserting_after(packed):
         unpacked = graph.call_function(unpack, (packed, tuple(tensor_shape(n)[1:] for n in originals)))
     parts, previous = [], unpacked
@@ -134,6 +136,40 @@ class PackBoundaries(PassBase):
             graph_module.recompile()
             self.shapes(graph_module)
         return PassResult(graph_module, bool(boundaries))
+
+
+class CarryBatchedSideInputs(PassBase):
+    """Rewrite: a tensor with a batch axis that a stage reads, computed before it from sizes
+    and weights alone (Gemma4's rotary tables and position ids, expanded to the batch),
+    cannot be shared by the stage's procedures, which each get a share of the batch. It is
+    packed with the stage's input at the stage's entry as a carried segment (no key reads
+    it, no attention scales it), so that every sample's rows travel with the sample; then
+    shapes and stages are found again (`find_stages`, as first run). Stages read from
+    `FindStages` (`Stage.carried`)."""
+
+    def __init__(self, shapes: ShapePropagation, find_stages: PassBase) -> None:
+        self.shapes, self.find_stages = shapes, find_stages
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        stages = graph_module.meta["rmn_stages"]
+        if not any(stage.carried for stage in stages):
+            return PassResult(graph_module, False)
+        node_of = {n.name: n for n in graph_module.graph.nodes}
+        current: dict[fx.Node, fx.Node] = {}  # a tensor -> the part that now stands for it after the last pack
+        for stage in stages:
+            if stage.carried:
+                originals = (node_of[stage.entry], *(node_of[name] for name in stage.carried))
+                live = tuple(current.get(n, n) for n in originals)
+                parts = _insert_pack(graph_module.graph, live, originals, carried=tuple(range(1, len(originals))))
+                current.update(zip(originals, parts))
+        graph_module.graph.lint()
+        graph_module.recompile()
+        self.shapes(graph_module)
+        self.find_stages(graph_module)
+        for stage in graph_module.meta["rmn_stages"]:
+            if stage.carried:  # still read from before the stage: its boundaries do not carry it
+                raise side_value_error(stage, stage.carried[0])
+        return PassResult(graph_module, True)
 
 
 class RemoveInnerPacks(PassBase):

@@ -3,7 +3,8 @@
 Records `meta["tensor_meta"]` as `torch.fx.passes.shape_prop.ShapeProp` does (without its
 traceback printing, so a rejected input size gives one clean error naming the node) and,
 on every node that holds a batched feature map, `meta["rmn_layout"]` (a FeatureLayout)
-and `meta["rmn_resolution"]` (spatial positions per sample). No mutation of the graph.
+and `meta["rmn_resolution"]` (spatial positions per sample); `meta["rmn_batched"]` on
+every tensor whose first axis is the batch. No mutation of the graph.
 
 A tensor counts as batched only if a second probe, one sample larger, grows its first
 dimension by one and leaves the rest: at the sample batch alone, a stacked dimension of
@@ -133,17 +134,19 @@ class ShapePropagation(PassBase):
         larger = self._probe_one_sample_more(graph_module)
         for node in graph_module.graph.nodes:
             shape = tensor_shape(node)
+            batched = bool(shape) and larger.get(node) == (shape[0] + 1, *shape[1:])
             if calls(node, pack):
                 layout = _packed_layout(node)
-            elif shape and larger.get(node) == (shape[0] + 1, *shape[1:]):
-                layout = infer_layout(shape, batch, image_hw)
             else:
-                layout = None
+                layout = infer_layout(shape, batch, image_hw) if batched else None
+            for key in ("rmn_batched", "rmn_layout", "rmn_resolution"):  # a rerun after a rewrite starts afresh
+                node.meta.pop(key, None)
+            if batched:
+                node.meta["rmn_batched"] = True
             if layout is not None:
                 node.meta["rmn_layout"] = layout
                 node.meta["rmn_resolution"] = layout.resolution(shape)
         return PassResult(graph_module, False)
-
 
     def _probe_one_sample_more(self, graph_module: fx.GraphModule) -> dict[fx.Node, tuple[int, ...]]:
         """Every tensor node's shape on the sample batch plus one sample (its first again)."""
@@ -161,8 +164,9 @@ class ShapePropagation(PassBase):
 
 
 def _packed_layout(node: fx.Node) -> PackedLayout | None:
-    """The layout of `pack(a, b, ...)`, from its tensors' layouts and shapes."""
-    layouts = [source.meta.get("rmn_layout") for source in node.args]
-    if not all(isinstance(layout, FeatureLayout) for layout in layouts):
+    """The layout of `pack(a, b, ..., carried=...)`, from its tensors' layouts and shapes."""
+    carried = node.kwargs.get("carried", ())
+    layouts = [None if k in carried else source.meta.get("rmn_layout") for k, source in enumerate(node.args)]
+    if not all(isinstance(layout, FeatureLayout) for k, layout in enumerate(layouts) if k not in carried):
         return None
     return PackedLayout(tuple((layout, tensor_shape(source)[1:]) for layout, source in zip(layouts, node.args, strict=True)))

@@ -1,7 +1,7 @@
 """The public API: analyse a backbone, and transform it into a routed GraphModule.
 
-    analyze:   trace -> ShapePropagation -> PackBoundaries -> FindStages -> OutlineParts
-               -> RemoveInnerPacks -> CheckStagesKeepSamplesApart          (an Anatomy)
+    analyze:   trace -> ShapePropagation -> PackBoundaries -> FindStages -> CarryBatchedSideInputs
+               -> OutlineParts -> RemoveInnerPacks -> CheckStagesKeepSamplesApart   (an Anatomy)
     transform: analyze -> RouteStages -> verify on the sample input      (a GraphModule)
 
 The converted GraphModule's top-level code reads stem -> stage_1 ... stage_S -> head, and
@@ -27,7 +27,7 @@ from rmn_fx.passes.find_stages import (
 )
 from rmn_fx.passes.infra import PassManager
 from rmn_fx.passes.outline import OutlineParts
-from rmn_fx.passes.pack_boundaries import PackBoundaries, RemoveInnerPacks
+from rmn_fx.passes.pack_boundaries import CarryBatchedSideInputs, PackBoundaries, RemoveInnerPacks
 from rmn_fx.passes.remove_downsampling import RemoveDownsampling, check_removed
 from rmn_fx.passes.route import RouteStages, part_specs
 from rmn_fx.passes.sample_independence import CheckStagesKeepSamplesApart
@@ -167,7 +167,8 @@ def analyze(
         ranges = None
     shapes = ShapePropagation(_sample_for(base, size))
     plan = gm.meta.pop("rmn_stage_plan", None)
-    gm, _ = PassManager([shapes, PackBoundaries(shapes), FindStages(ranges, plan, granularity)])(gm)
+    find_stages = FindStages(ranges, plan, granularity)
+    gm, _ = PassManager([shapes, PackBoundaries(shapes), find_stages, CarryBatchedSideInputs(shapes, find_stages)])(gm)
     check_removed(gm)
     gm, _ = PassManager([OutlineParts(), RemoveInnerPacks(), CheckStagesKeepSamplesApart(shapes.sample)])(gm)
     return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output, left_out, capture)
@@ -179,7 +180,8 @@ def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, cou
     then rewrite; the stage plan travels on `gm.meta["rmn_stage_plan"]`."""
     *leading, height, width = size
     detect = ShapePropagation(_sample_for(base, (*leading, height << count, width << count)))
-    gm, _ = PassManager([detect, PackBoundaries(detect), FindStages(ranges, granularity=granularity), RemoveDownsampling(count)])(gm)
+    find_stages = FindStages(ranges, granularity=granularity)
+    gm, _ = PassManager([detect, PackBoundaries(detect), find_stages, CarryBatchedSideInputs(detect, find_stages), RemoveDownsampling(count)])(gm)
     gm.meta["rmn_stage_plan"] = [(s.entry, s.exit) for s in gm.meta.pop("rmn_stages")]
     return gm
 

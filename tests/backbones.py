@@ -16,6 +16,9 @@ from its input's sizes (a rotary table, as timm's DeepSeek-ViT builds), and hand
 own output's sizes. With `two_inputs`, every stage after the first also reads the input of
 the stage before it (NASNet's cells read the two previous cells' outputs), so two tensors
 are alive between stages and the boundaries are packed (`PackBoundaries`). With
+`batched_rows`, every stage reads per-sample rows built before the stages from the batch
+size alone (a table expanded to the batch, as Gemma4's rotary tables are), which are
+carried into each stage with its input (`CarryBatchedSideInputs`). With
 `shape_branches`, forward branches in Python on its input's sizes (it checks them, and
 takes an image or a video path by rank), which plain torch.fx cannot trace, so the graph
 comes from the capture at the sample's shapes (`rmn_fx.fixed_shape_tracing`).
@@ -120,6 +123,19 @@ class SizedStage(nn.Module):
         return x * gain[: x.shape[1]].view(self.gain_shape), sizes
 
 
+class RowsStage(nn.Module):
+    """A stage that adds, per sample, a row of a table computed before the stages to its
+    input's channels."""
+
+    def __init__(self, layers: Layers, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.dims = layers.dims
+
+    def forward(self, x, rows):
+        return self.blocks(x + rows.narrow(1, 0, x.shape[1]).reshape(x.shape[0], x.shape[1], *(1,) * self.dims))
+
+
 class TwoInputStage(nn.Module):
     """A stage that adds a strided 1x1 conv of the previous stage's input to its blocks' output."""
 
@@ -154,6 +170,7 @@ class BackboneSpec:
     dense: bool = False  # a segmentation head instead of a classifier
     side_values: bool = False  # stages read and hand on batch-independent values (`SizedStage`)
     two_inputs: bool = False  # stages after the first also read the previous stage's input (`TwoInputStage`)
+    batched_rows: bool = False  # stages read per-sample rows computed from the batch size (`RowsStage`)
     shape_branches: bool = False  # forward branches in Python on its input's sizes (plain torch.fx cannot trace it)
     classes: int = 5
     expected: list[tuple[str, ...]] = field(default_factory=list)
@@ -179,7 +196,7 @@ class BackboneSpec:
         side values: the stages, which no block cut may split."""
         blocks = []
         for i, stage in enumerate(self.stages):
-            if self.side_values or (self.two_inputs and i > 0):  # a stage that computes tensors itself (no container): no block cut splits it
+            if self.side_values or self.batched_rows or (self.two_inputs and i > 0):  # a stage that computes tensors itself (no container): no block cut splits it
                 blocks.append((f"stages.{i}",))
                 continue
             names = [f"stages.{i}.{j}" for j in range(len(stage.blocks) + (stage.downsample in ("pool", "conv")))]
@@ -216,12 +233,15 @@ class Backbone(nn.Module):
             widths.append(cin)
             if spec.side_values:
                 stages.append(SizedStage(layers, *stage))
+            elif spec.batched_rows:
+                stages.append(RowsStage(layers, *stage))
             elif spec.two_inputs and len(stages) > 0:  # the previous stage's input, two drops back at most
                 stages.append(TwoInputStage(layers, 2 ** (drops[-2] + drops[-1]), widths[-3], cin, *stage))
             else:
                 stages.append(nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
         self.gain = nn.Parameter(torch.linspace(-1.0, 1.0, max(s.width for s in spec.stages))) if spec.side_values else None
+        self.rows = nn.Parameter(torch.linspace(-0.1, 0.1, max(spec.stem_width, *(s.width for s in spec.stages)))) if spec.batched_rows else None
         self.head_conv = nn.Sequential(layers.conv(cin, 2 * cin, 1), nn.ReLU()) if spec.head_conv else None
         features = 2 * cin if spec.head_conv else cin
         self.dense, self.two_inputs, self.shape_branches = spec.dense, spec.two_inputs, spec.shape_branches
@@ -243,6 +263,10 @@ class Backbone(nn.Module):
             previous, y = y, self.stages[0](y)
             for stage in self.stages[1:]:
                 previous, y = y, stage(y, previous)
+        elif self.rows is not None:
+            rows = self.rows.expand(batch, -1)  # one row per sample, from the batch size alone
+            for stage in self.stages:
+                y = stage(y, rows)
         elif gain is None:
             y = self.stages(y)
         else:
@@ -293,8 +317,8 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
         frames=draw(st.sampled_from([None, None, None, 1, 3])),
         dense=draw(st.sampled_from([False, False, True])),
     )
-    kind = draw(st.sampled_from(["plain", "plain", "side_values", "two_inputs"]))
-    spec.side_values, spec.two_inputs = kind == "side_values", kind == "two_inputs"
+    kind = draw(st.sampled_from(["plain", "plain", "side_values", "two_inputs", "batched_rows"]))
+    spec.side_values, spec.two_inputs, spec.batched_rows = kind == "side_values", kind == "two_inputs", kind == "batched_rows"
     spec.shape_branches = draw(st.booleans())
     spec.expected = [(f"stages.{i}",) for i in range(count)]
     spec.expected[-1] += ("head_conv",) * spec.head_conv + ("head",) * spec.dense

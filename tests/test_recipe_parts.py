@@ -171,8 +171,9 @@ def test_tiny_imagenet_val_annotations_give_the_test_labels(tmp_path):
 
 
 def map_sides(layout, shape) -> list[tuple[int, ...]]:
-    """The last two sizes (H, W) of each map at a stage's end (several where they are packed)."""
-    shapes = layout.shapes if isinstance(layout, PackedLayout) else [shape[1:]]
+    """The last two sizes (H, W) of each map at a stage's end (several where they are packed;
+    a segment only carried is no map)."""
+    shapes = [s for _, _, s in layout.features] if isinstance(layout, PackedLayout) else [shape[1:]]
     return [tuple(s[-2:]) for s in shapes]
 
 

@@ -110,6 +110,65 @@ def test_boundaries_where_two_tensors_are_alive_carry_both_packed():
     assert gm.stage_3.router.memory.shape == (3, 16)  # both tensors' channels
 
 
+class RotaryBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 16)
+
+    def forward(self, tokens, cos, sin):
+        cos, sin = cos[: tokens.shape[0]], sin[: tokens.shape[0]]  # the first rows: all of them, unless `doubled`
+        return tokens + torch.relu(self.linear(tokens * cos + tokens.flip(-1) * sin))
+
+
+class RotaryTokens(torch.nn.Module):
+    """A token model whose blocks all read per-sample tables built from the token grid's
+    sizes and expanded to the batch (Gemma4's rotary cos/sin): no downsampling after the
+    patch embedding, so stages are named. `doubled`: the tables have twice the batch's rows."""
+
+    def __init__(self, doubled: bool = False) -> None:
+        super().__init__()
+        self.rows = 2 if doubled else 1
+        self.embed = torch.nn.Conv2d(3, 16, 4, 4)
+        self.blocks = torch.nn.ModuleList(RotaryBlock() for _ in range(4))
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        positions = torch.arange(tokens.shape[1], dtype=tokens.dtype).div(tokens.shape[1])
+        angles = positions[None, :, None].expand(self.rows * tokens.shape[0], -1, 16) * torch.linspace(1.0, 3.0, 16)
+        cos, sin = angles.cos(), angles.sin()
+        for block in self.blocks:
+            tokens = block(tokens, cos, sin)
+        return self.head(tokens.mean(1))
+
+
+def test_tables_with_a_batch_axis_that_stages_read_are_carried_with_their_samples():
+    """The tables are carried in every stage's packed input (no key reads them, no attention
+    scales them), the conversion is exact with routes spread, and each sample keeps its rows."""
+    model = RotaryTokens().eval()
+    anatomy, stages = stages_of(model, size=32, stages="blocks.0:blocks.1,blocks.2:blocks.3")
+    assert stages == [("blocks.0", "blocks.1"), ("blocks.2", "blocks.3")]
+    assert [s.in_layout.name for s in anatomy.stages] == ["packed(NLC:64x16,carried:64x16,carried:64x16)"] * 2
+    assert "layout_pack(" in anatomy.graph_module.get_submodule("stage_1").code and "carried = (1, 2)" in anatomy.graph_module.stem.code
+    gm = rmn_fx.transform(model, branches=3, input_size=(3, 32, 32), stages="blocks.0:blocks.1,blocks.2:blocks.3")
+    assert gm.stage_1.router.memory.shape == (3, 16)  # the tokens' channels only
+    x = torch.randn(5, 3, 32, 32)
+    spread_routes(gm, x)
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) <= 1e-6
+    layout = anatomy.stages[0].in_layout
+    packed = torch.randn(2, 3 * 64 * 16)
+    scaled = layout.scale(packed, torch.full((2, 16), 2.0))
+    assert torch.equal(scaled[:, 64 * 16 :], packed[:, 64 * 16 :]) and torch.equal(scaled[:, : 64 * 16], 2 * packed[:, : 64 * 16])
+    assert layout.pool(packed).shape == (2, 16)
+
+
+def test_a_table_that_changes_with_the_batch_without_a_batch_axis_is_refused():
+    """Twice the batch's rows: no axis to split by sample, and shared it would be wrong."""
+    with pytest.raises(StageError, match=r"stage 1 \(nodes .*\) reads '\w+', computed before it, whose value changes with the batch"):
+        stages_of(RotaryTokens(doubled=True).eval(), size=32, stages="blocks.0:blocks.1,blocks.2:blocks.3")
+
+
 class FoldedTwoInputCells(TwoInputCells):
     """The stem's output stays alive until the last cell with its batch folded into groups
     of channels, so it is no feature map that a boundary could carry."""
@@ -214,9 +273,16 @@ def test_a_table_the_first_stage_computes_from_sizes_and_hands_on_is_computed_in
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
 
 
-def test_a_table_handed_on_that_changes_with_the_batch_is_refused():
-    with pytest.raises(StageError, match=r"stage 1 \(nodes .*\) reads 'view', computed before it, whose value changes with the batch"):
-        stages_of(TableFromTheGrid(per_sample=True), size=32)
+def test_a_table_with_a_row_per_sample_is_carried_with_its_samples():
+    """One row per sample (each row differs): carried into each stage with its input, so
+    that every sample meets its own row in whichever procedure it is routed to."""
+    model = TableFromTheGrid(per_sample=True).eval()
+    anatomy, _ = stages_of(model, size=32)
+    assert [stage.in_layout.name for stage in anatomy.stages] == ["packed(NCHW:8x16x16,carried:8x1x1)", "packed(NCHW:8x16x16,carried:8x1x1)"]
+    gm = rmn_fx.transform(model, branches=3, input_size=(3, 32, 32)).eval()
+    x = torch.randn(6, 3, 32, 32)
+    spread_routes(gm, x)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
 
 
 class BatchStatisticStage(torch.nn.Module):

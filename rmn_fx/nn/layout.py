@@ -74,41 +74,54 @@ def infer_layout(shape, batch: int, image_hw: tuple[int, int]) -> FeatureLayout 
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Several feature tensors of one batch carried as one [B, D] tensor (`pack`): a
-    boundary between parts where more than one tensor is alive (NASNet's cells read the
-    two previous cells' outputs). Each segment is a feature tensor of its own layout;
-    pooling pools every segment and concatenates their channels, so a routing key sees
-    all of them."""
+    """Several tensors of one batch carried as one [B, D] tensor (`pack`): a boundary
+    between parts where more than one tensor is alive (NASNet's cells read the two previous
+    cells' outputs). A segment with a FeatureLayout is a feature tensor: pooling pools every
+    one and concatenates their channels, so a routing key sees all of them, and Conditional
+    Attention scales their channels. A segment without one (layout None, named `carried`)
+    is only carried through the part for the samples routed there: a table with a batch
+    axis computed from sizes alone (Gemma4's rotary tables), which no key reads and no
+    attention scales."""
 
-    segments: tuple[tuple[FeatureLayout, tuple[int, ...]], ...]  # (layout, one sample's shape)
+    segments: tuple[tuple[FeatureLayout | None, tuple[int, ...]], ...]  # (layout or None, one sample's shape)
 
     @property
     def name(self) -> str:
-        return "packed(" + ",".join(f"{layout.name}:{'x'.join(map(str, shape))}" for layout, shape in self.segments) + ")"
+        return "packed(" + ",".join(f"{layout.name if layout else CARRIED}:{'x'.join(map(str, shape))}" for layout, shape in self.segments) + ")"
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple(shape for _, shape in self.segments)
 
     @property
+    def features(self) -> list[tuple[int, FeatureLayout, tuple[int, ...]]]:
+        """(index, layout, shape) of the feature segments (those that are not only carried)."""
+        return [(i, layout, shape) for i, (layout, shape) in enumerate(self.segments) if layout is not None]
+
+    @property
     def segment_channels(self) -> list[int]:
-        return [layout.channels((1, *shape)) for layout, shape in self.segments]
+        return [layout.channels((1, *shape)) for _, layout, shape in self.features]
 
     def resolution(self, shape=None) -> int:
-        """The level a boundary has reached: that of its coarsest tensor (the output of
-        the latest downsampling)."""
-        return min(layout.resolution((1, *s)) for layout, s in self.segments)
+        """The level a boundary has reached: that of its coarsest feature tensor (the
+        output of the latest downsampling)."""
+        return min(layout.resolution((1, *s)) for _, layout, s in self.features)
 
     def channels(self, shape=None) -> int:
         return sum(self.segment_channels)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([layout.pool(t) for (layout, _), t in zip(self.segments, unpack(x, self.shapes))], dim=1)
+        parts = unpack(x, self.shapes)
+        return torch.cat([layout.pool(parts[i]) for i, layout, _ in self.features], dim=1)
 
     def scale(self, x: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
-        factors = per_channel.split(self.segment_channels, dim=1)
-        parts = unpack(x, self.shapes)
-        return pack(*(layout.scale(t, f) for (layout, _), t, f in zip(self.segments, parts, factors)))
+        parts = list(unpack(x, self.shapes))
+        for (i, layout, _), factors in zip(self.features, per_channel.split(self.segment_channels, dim=1), strict=True):
+            parts[i] = layout.scale(parts[i], factors)
+        return pack(*parts)
+
+
+CARRIED = "carried"  # the name of a packed segment that is only carried (no layout)
 
 
 @functools.cache
@@ -123,12 +136,14 @@ def layout_named(name: str) -> FeatureLayout | PackedLayout:
     segments = []
     for item in inner.split(","):
         layout, _, shape = item.partition(":")
-        segments.append((LAYOUTS[layout], tuple(int(v) for v in shape.split("x"))))
+        segments.append((None if layout == CARRIED else LAYOUTS[layout], tuple(int(v) for v in shape.split("x"))))
     return PackedLayout(tuple(segments))
 
 
-def pack(*tensors: torch.Tensor) -> torch.Tensor:
-    """Tensors of one batch as one [B, D] tensor: each sample's values, tensor after tensor."""
+def pack(*tensors: torch.Tensor, carried: tuple[int, ...] = ()) -> torch.Tensor:
+    """Tensors of one batch as one [B, D] tensor: each sample's values, tensor after tensor.
+    `carried`: the positions of tensors that are only carried (see `PackedLayout`); it
+    changes nothing here and tells shape propagation, and readers of `gm.code`, which."""
     return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
 
 
