@@ -30,6 +30,7 @@ TIMM_MODELS = [
     "hgnet_tiny", "starnet_s1", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
 ]
 SIDES = (64, 128, 224)  # torchvision models are checked at the smallest side they accept
+DETECTOR_SIDE = 192  # the side detectors resize their images to in the sweep (SSD keeps its fixed size)
 SMALL = ("tiny", "nano", "pico", "atto", "femto", "small", "_s", "xxs", "xs", "b0", "050", "18", "lite")
 
 
@@ -72,7 +73,7 @@ def convert_for_sweep(name: str, branches: int, sides, **rule) -> tuple[torch.nn
 def check(name: str, branches: int, sides, routing: str = "memory", top_k: int | None = None, granularity: str = "stage") -> dict:
     """Convert `name` with `routing` at `granularity` and measure it; an RMNError is a
     result too (its message is kept)."""
-    row = {"model": name, "routing": routing, "top_k": top_k, "granularity": granularity, "status": "ok", "stages": None, "input": None, "named_stages": None, "error": ""}
+    row = {"model": name, "routing": routing, "top_k": top_k, "granularity": granularity, "status": "ok", "stages": None, "input": None, "named_stages": None, "capture": None, "error": ""}
     start = time.perf_counter()
     try:
         row.update(_measure(name, branches, sides, routing=routing, top_k=top_k, granularity=granularity))
@@ -91,6 +92,7 @@ def _measure(name: str, branches: int, sides, **rule) -> dict:
     return {
         **compare(base, gm, x),
         "named_stages": named,
+        "capture": gm.meta["rmn_fx"]["capture"],
         "stages": len(gm.meta["rmn_stages"]),
         "input": size[-1],
         "routed_relative_error": routed_error(base, gm, x, rule["routing"]),
@@ -110,6 +112,62 @@ def routed_error(base, gm, x: torch.Tensor, routing: str) -> float:
         spread_routes(gm, x)
         return relative_error(alone, gm(x))
     return relative_error(alone, samples_together([gm(x[i : i + 1]) for i in range(x.shape[0])]))
+
+
+def detector_backbone(detector: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The path and module of a torchvision detector that maps a batch of images to its
+    dict of feature maps: the body below an FPN (Faster/Mask/Keypoint R-CNN, RetinaNet,
+    FCOS), else the backbone itself (SSD's and SSDlite's feature extractors)."""
+    backbone = detector.backbone
+    return ("backbone.body", backbone.body) if hasattr(backbone, "body") else ("backbone", backbone)
+
+
+def check_detector(name: str, branches: int) -> dict:
+    """Convert the backbone of the torchvision detector `name` (`detector_backbone`), put it
+    back, and measure: the backbone's conversion properties as `check` does, and the
+    detections of two images against the base detector's, with the images spread over the
+    procedures. An RMNError is a result too."""
+    row = {"model": f"torchvision:{name}", "routing": "memory", "top_k": None, "granularity": "stage", "status": "ok", "stages": None, "input": None, "named_stages": None, "capture": None, "error": ""}
+    start = time.perf_counter()
+    try:
+        row.update(_measure_detector(name, branches))
+    except RMNError as exc:
+        row.update(status=type(exc).__name__, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 -- a bug (ours or the measurement's): recorded, and failing the sweep
+        row.update(status="crash", error=f"{type(exc).__name__}: {first_line(exc)}")
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    gc.collect()
+    return row
+
+
+@torch.no_grad()
+def _measure_detector(name: str, branches: int) -> dict:
+    import torchvision
+
+    torch.manual_seed(0)
+    detector = torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
+    resize = detector.transform
+    if resize.fixed_size is None:  # R-CNN, RetinaNet, FCOS: images scaled to a side of DETECTOR_SIDE
+        resize.min_size, resize.max_size = (DETECTOR_SIDE,), DETECTOR_SIDE
+    side = resize.fixed_size[0] if resize.fixed_size else DETECTOR_SIDE
+    getattr(detector, "roi_heads", detector).score_thresh = 0.0  # keep every box: more to compare
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, side, side, generator=generator) for _ in range(2)]
+    want = detector(images)
+    path, backbone = detector_backbone(detector)
+    size = (3, side, side)
+    converted = transform(backbone, branches=branches, input_size=size)
+    x = torch.randn(branches, *size, generator=generator)
+    row = {**compare(backbone, converted, x), "stages": len(converted.meta["rmn_stages"]), "input": side, "part": path, "capture": converted.meta["rmn_fx"]["capture"]}
+    row["routed_relative_error"] = routed_error(backbone, converted, x, "memory")
+    if list(converted(x)) != list(backbone(x)):
+        raise AssertionError(f"the converted {path} renamed its feature maps")
+    spread_routes(converted, torch.stack(images))  # each image through its own procedure
+    detector.get_submodule(path.rpartition(".")[0]).register_module(path.rpartition(".")[2], converted)
+    got = detector(images)
+    row["detections"] = sum(len(d["boxes"]) for d in want)
+    row["detections_relative_error"] = max(relative_error(a[k].float(), b[k].float()) for a, b in zip(want, got, strict=True) for k in a)
+    return row
 
 
 def max_error(r: dict) -> float:

@@ -15,7 +15,7 @@ import torchvision
 
 import rmn_fx
 from rmn_fx.models import torchvision_names
-from rmn_fx.zoo import SIDES, TIMM_MODELS, check
+from rmn_fx.zoo import SIDES, TIMM_MODELS, check, check_detector
 
 PAPER = {  # N = 8 with attention, 224x224, ImageNet classes (rmn-method.md)
     "resnet18": 89.9e6,
@@ -86,6 +86,16 @@ def test_a_detector_runs_with_its_backbone_converted():
     assert all(len(d["boxes"]) for d in want)
     for a, b in zip(want, got):
         assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", torchvision_names("detection"))
+def test_every_torchvision_detector_runs_with_its_backbone_converted(name):
+    """`benchmarks/zoo.py --task detection`: the backbone's conversion properties, and the
+    detector's boxes with the converted backbone put back and the images spread."""
+    row = check_detector(name, branches=2)
+    assert_properties(row)
+    assert row["detections"] > 0 and row["detections_relative_error"] <= 1e-4
 
 
 OTHER_RULES = [("gate", 1), ("gate", 2), ("cross-connections", None), ("cross-prediction", None)]
