@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections.abc import Sequence
 
 from torch import fx
 
 from rmn_fx.nn.layout import FeatureLayout, pack, unpack
 
-from .find_stages import DROP_FACTOR, GraphFacts, reads_sizes_only, side_value_error
+from .find_stages import DROP_FACTOR, GraphFacts, ModuleRange, reads_sizes_only, side_value_error
 from .infra import PassBase, PassResult
 from .shape_prop import ShapePropagation, calls, carries_tensors, tensor_shape
 
@@ -72,10 +73,17 @@ def crossed_positions(facts: GraphFacts) -> list[bool]:
     return crossed
 
 
-def packable_boundaries(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
+def _packable(tensors: tuple[fx.Node, ...]) -> bool:
+    """Several tensors, each a batched feature map or token sequence or a tensor whose batch
+    is folded into its first axis (carried), at least one of them a feature tensor."""
+    layouts = [isinstance(n.meta.get("rmn_layout"), FeatureLayout) for n in tensors]
+    return len(tensors) >= 2 and any(layouts) and all(f or "rmn_folded" in n.meta for f, n in zip(layouts, tensors, strict=True))
+
+
+def packable_boundaries(facts: GraphFacts, ranges: Sequence[ModuleRange] = ()) -> list[tuple[fx.Node, ...]]:
     """The live sets to pack, each after the position of its latest tensor (see the module
-    docstring): several tensors, all batched feature maps or token sequences, at a module
-    edge, in a stretch between cuts that lowers the resolution; each set once."""
+    docstring): at a module edge, in a stretch between cuts that lowers the resolution, and
+    at the edges of the stages `ranges` names; each set once."""
     live, crossed = live_tensors(facts), crossed_positions(facts)
     chosen: list[tuple[fx.Node, ...]] = []
     output = next(n for n in reversed(facts.nodes) if n.op == "output")
@@ -83,30 +91,46 @@ def packable_boundaries(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
         stretch: list[tuple[fx.Node, ...]] = []
         for p in range(facts.pos[start] + 1, facts.pos[end]):
             tensors = live[p]
-            if len(tensors) < 2 or crossed[p] or (stretch and set(stretch[-1]) == set(tensors)):
+            if crossed[p] or (stretch and set(stretch[-1]) == set(tensors)):
                 continue
-            if all(isinstance(n.meta.get("rmn_layout"), FeatureLayout) for n in tensors):
+            if _packable(tensors):
                 stretch.append(tensors)
-        levels = [min(n.meta["rmn_resolution"] for n in tensors) for tensors in stretch] + [end.meta.get("rmn_resolution")]
+        levels = [min(n.meta["rmn_resolution"] for n in tensors if "rmn_resolution" in n.meta) for tensors in stretch] + [end.meta.get("rmn_resolution")]
         level = start.meta.get("rmn_resolution")
         if stretch and level is not None and any(r is not None and r * DROP_FACTOR <= level for r in levels):
             chosen.extend(stretch)
-    return chosen
+    for first, last in ranges:  # a named stage's edges, where several tensors may be alive without a drop (TNT's two streams)
+        edges = [facts.spans[path][i] + shift for path, i, shift in ((first, 0, -1), (last, 1, 0)) if path in facts.spans]
+        for p in edges:
+            if 0 <= p < len(live) and not crossed[p] and _packable(live[p]) and all(set(live[p]) != set(c) for c in chosen):
+                chosen.append(live[p])
+    return sorted(chosen, key=lambda tensors: max(facts.pos[n] for n in tensors))
 
 
 def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx.Node, ...], carried: tuple[int, ...] = ()) -> tuple[fx.Node, ...]:
     """`packed = pack(*live)` after the latest of `live`; its parts replace `live` in every
     read after it. `originals`: the tensors of the traced graph that `live` stand for (their
-    shapes and names); `carried`: the positions of those only carried (`PackedLayout`).
-    Returns the parts."""
+    shapes and names); `carried`: the positions of those only carried (`PackedLayout`); a
+    tensor whose batch is folded into its first axis is carried with its rows per sample
+    unfolded (`unflatten`) and gets them folded back by `unpack`. Returns the parts."""
     position = {n: i for i, n in enumerate(graph.nodes)}
     latest = max(live, key=position.__getitem__)
     readers = {n: [u for u in n.users if u.op == "output" or position[u] > position[latest]] for n in live}
-    with graph.inserting_after(latest):
+    folds = [original.meta.get("rmn_folded") for original in originals]
+    previous, joined = latest, []
+    for node, fold in zip(live, folds, strict=True):
+        if fold:
+            with graph.inserting_after(previous):
+                previous = graph.call_method("unflatten", (node, 0, (-1, fold)))
+        joined.append(previous if fold else node)
+    carried = tuple(sorted({*carried, *(k for k, fold in enumerate(folds) if fold)}))
+    with graph.inserting_after(previous):
         kwargs = {"carried": carried} if carried else {}
-        packed = graph.create_node("call_function", pack, tuple(live), kwargs, name=f"{originals[live.index(latest)].name}_packed")
+        packed = graph.create_node("call_function", pack, tuple(joined), kwargs, name=f"{originals[live.index(latest)].name}_packed")
+    shapes = tuple((fold, *tensor_shape(n)[1:]) if fold else tensor_shape(n)[1:] for n, fold in zip(originals, folds, strict=True))
+    folded = tuple(k for k, fold in enumerate(folds) if fold)
     with graph.inserting_after(packed):
-        unpacked = graph.call_function(unpack, (packed, tuple(tensor_shape(n)[1:] for n in originals)))
+        unpacked = graph.call_function(unpack, (packed, shapes, folded) if folded else (packed, shapes))
     parts, previous = [], unpacked
     for k, (node, original) in enumerate(zip(live, originals, strict=True)):
         with graph.inserting_after(previous):
@@ -122,11 +146,11 @@ class PackBoundaries(PassBase):
     several tensors alive (see above), then annotate the new nodes with `shapes` (the
     ShapePropagation that ran before)."""
 
-    def __init__(self, shapes: ShapePropagation) -> None:
-        self.shapes = shapes
+    def __init__(self, shapes: ShapePropagation, ranges: Sequence[ModuleRange] | None = None) -> None:
+        self.shapes, self.ranges = shapes, ranges or ()
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        boundaries = packable_boundaries(GraphFacts(graph_module))
+        boundaries = packable_boundaries(GraphFacts(graph_module), self.ranges)
         current: dict[fx.Node, fx.Node] = {}  # a tensor -> the part that now stands for it after the last pack
         for live in boundaries:
             tensors = tuple(current.get(n, n) for n in live)
@@ -191,12 +215,18 @@ def _bypass_packs(graph: fx.Graph) -> bool:
         packed = parts.args[0]
         if not calls(packed, pack):
             continue
+        folded = parts.args[2] if len(parts.args) > 2 else ()
         for item in list(parts.users):
-            item.replace_all_uses_with(packed.args[item.args[1]])
+            source = packed.args[item.args[1]]
+            item.replace_all_uses_with(source.args[0] if item.args[1] in folded else source)  # a folded tensor: as it was before its unfolding
             graph.erase_node(item)
         graph.erase_node(parts)
         if not packed.users:
+            unfolded = [source for k, source in enumerate(packed.args) if k in folded]
             graph.erase_node(packed)
+            for node in unfolded:
+                if not node.users:
+                    graph.erase_node(node)
         found = True
     if found:
         graph.lint()

@@ -4,7 +4,8 @@ Records `meta["tensor_meta"]` as `torch.fx.passes.shape_prop.ShapeProp` does (wi
 traceback printing, so a rejected input size gives one clean error naming the node) and,
 on every node that holds a batched feature map, `meta["rmn_layout"]` (a FeatureLayout)
 and `meta["rmn_resolution"]` (spatial positions per sample); `meta["rmn_batched"]` on
-every tensor whose first axis is the batch. No mutation of the graph.
+every tensor whose first axis is the batch, `meta["rmn_folded"]` = k on every tensor whose
+first axis holds k rows per sample. No mutation of the graph.
 
 A tensor counts as batched only if a second probe, one sample larger, grows its first
 dimension by one and leaves the rest: at the sample batch alone, a stacked dimension of
@@ -134,15 +135,17 @@ class ShapePropagation(PassBase):
         larger = self._probe_one_sample_more(graph_module)
         for node in graph_module.graph.nodes:
             shape = tensor_shape(node)
-            batched = bool(shape) and larger.get(node) == (shape[0] + 1, *shape[1:])
+            fold = _batch_fold(shape, larger.get(node), batch) if shape else None
             if calls(node, pack):
                 layout = _packed_layout(node)
             else:
-                layout = infer_layout(shape, batch, image_hw) if batched else None
-            for key in ("rmn_batched", "rmn_layout", "rmn_resolution"):  # a rerun after a rewrite starts afresh
+                layout = infer_layout(shape, batch, image_hw) if fold == 1 else None
+            for key in ("rmn_batched", "rmn_folded", "rmn_layout", "rmn_resolution"):  # a rerun after a rewrite starts afresh
                 node.meta.pop(key, None)
-            if batched:
+            if fold == 1:
                 node.meta["rmn_batched"] = True
+            elif fold:
+                node.meta["rmn_folded"] = fold
             if layout is not None:
                 node.meta["rmn_layout"] = layout
                 node.meta["rmn_resolution"] = layout.resolution(shape)
@@ -161,6 +164,16 @@ class ShapePropagation(PassBase):
                 "gets a sub-batch of any size, so the model must accept any batch size"
             ) from exc
         return probe.shapes
+
+
+def _batch_fold(shape: tuple[int, ...], larger: tuple[int, ...] | None, batch: int) -> int | None:
+    """k where the first axis holds k rows per sample (1: the batch axis itself; k > 1: the
+    batch folded with another axis, as TNT's pixel tokens [B * patches, pixels, C]): it is
+    k * batch on the sample and grows by k with one sample more, nothing else changing."""
+    if larger is None or len(larger) != len(shape) or tuple(larger[1:]) != tuple(shape[1:]):
+        return None
+    k = larger[0] - shape[0]
+    return k if k >= 1 and shape[0] == k * batch else None
 
 
 def _packed_layout(node: fx.Node) -> PackedLayout | None:

@@ -168,7 +168,7 @@ def analyze(
     shapes = ShapePropagation(_sample_for(base, size))
     plan = gm.meta.pop("rmn_stage_plan", None)
     find_stages = FindStages(ranges, plan, granularity)
-    gm, _ = PassManager([shapes, PackBoundaries(shapes), find_stages, CarryBatchedSideInputs(shapes, find_stages)])(gm)
+    gm, _ = PassManager([shapes, PackBoundaries(shapes, ranges), find_stages, CarryBatchedSideInputs(shapes, find_stages)])(gm)
     check_removed(gm)
     gm, _ = PassManager([OutlineParts(), RemoveInnerPacks(), CheckStagesKeepSamplesApart(shapes.sample)])(gm)
     return Anatomy(gm, gm.meta["rmn_stages"], size, source, shapes.sample, shapes.output, left_out, capture)
@@ -181,7 +181,7 @@ def _remove_downsamplings(gm: fx.GraphModule, base: nn.Module, size, ranges, cou
     *leading, height, width = size
     detect = ShapePropagation(_sample_for(base, (*leading, height << count, width << count)))
     find_stages = FindStages(ranges, granularity=granularity)
-    gm, _ = PassManager([detect, PackBoundaries(detect), find_stages, CarryBatchedSideInputs(detect, find_stages), RemoveDownsampling(count)])(gm)
+    gm, _ = PassManager([detect, PackBoundaries(detect, ranges), find_stages, CarryBatchedSideInputs(detect, find_stages), RemoveDownsampling(count)])(gm)
     gm.meta["rmn_stage_plan"] = [(s.entry, s.exit) for s in gm.meta.pop("rmn_stages")]
     return gm
 

@@ -171,20 +171,40 @@ def test_a_table_that_changes_with_the_batch_without_a_batch_axis_is_refused():
 
 class FoldedTwoInputCells(TwoInputCells):
     """The stem's output stays alive until the last cell with its batch folded into groups
-    of channels, so it is no feature map that a boundary could carry."""
+    of channels (`fold`: two rows per sample, [2B, 4, H, W], as TNT's pixel tokens fold it)
+    or with its batch moved to the second axis (`transpose`: no boundary can carry that)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
 
     def forward(self, x):
         x0 = self.stem(x)
-        folded = x0.reshape(-1, 4, 32, 32)
+        kept = x0.reshape(-1, 4, 32, 32) if self.how == "fold" else x0.transpose(0, 1)
         x1 = self.cell1(x0)
         x2 = self.cell2_a(x1) + self.cell2_b(x0)
-        x3 = self.cell3_a(x2) + self.cell3_b(x1) + folded.reshape(-1, 8, 32, 32)[:, :, ::4, ::4]
-        return self.head(x3)
+        x3 = self.cell3_a(x2) + self.cell3_b(x1)
+        restored = kept.reshape(-1, 8, 32, 32) if self.how == "fold" else kept.transpose(0, 1)  # after the last drop
+        return self.head(x3 + restored[:, :, ::4, ::4])
+
+
+def test_a_tensor_with_its_batch_folded_into_its_first_axis_is_carried_unfolded():
+    model = FoldedTwoInputCells("fold").eval()
+    anatomy, stages = stages_of(model)
+    assert stages == [("cell1",), ("cell2_a", "cell2_b"), ("cell3_a", "cell3_b")]
+    assert anatomy.stages[1].in_layout.name == "packed(NCHW:8x32x32,carried:2x4x32x32,NCHW:8x32x32)"  # two rows per sample
+    assert "unflatten(0, (-1, 2))" in anatomy.graph_module.stem.code
+    gm = rmn_fx.transform(model, branches=3, input_size=(3, 64, 64))
+    x = torch.randn(5, 3, 64, 64)
+    spread_routes(gm, x)
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) <= 1e-6
+    assert gm.stage_2.router.memory.shape == (3, 16)  # the feature maps' channels, not the carried rows'
 
 
 def test_drops_where_a_tensor_alive_is_no_feature_map_are_named_as_such():
     with pytest.raises(StageError, match=r"downsamples after node 'stem' \(at node 'cell2_a' in module 'cell2_a'\), but only where more than one tensor is alive"):
-        stages_of(FoldedTwoInputCells())
+        stages_of(FoldedTwoInputCells("transpose"))
 
 
 class RowsStage(torch.nn.Module):

@@ -144,13 +144,14 @@ def pack(*tensors: torch.Tensor, carried: tuple[int, ...] = ()) -> torch.Tensor:
     """Tensors of one batch as one [B, D] tensor: each sample's values, tensor after tensor.
     `carried`: the positions of tensors that are only carried (see `PackedLayout`); it
     changes nothing here and tells shape propagation, and readers of `gm.code`, which."""
-    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+    return torch.cat([t.flatten(1) for t in tensors], dim=1)  # flatten, not reshape(B, -1): a sub-batch may be empty
 
 
-def unpack(packed: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, ...]:
+def unpack(packed: torch.Tensor, shapes: tuple[tuple[int, ...], ...], folded: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
     """The tensors `pack` joined, given one sample's shape of each (contiguous, as they
-    were, so that the layers after them compute exactly what they computed before)."""
+    were, so that the layers after them compute exactly what they computed before).
+    `folded`: the positions of tensors whose batch was folded into their first axis (TNT's
+    pixel tokens, [B * patches, ...]), which get it back."""
     sizes = [math.prod(shape) for shape in shapes]
-    return tuple(
-        part.reshape(packed.shape[0], *shape).contiguous() for part, shape in zip(packed.split(sizes, dim=1), shapes)
-    )
+    parts = [part.reshape(packed.shape[0], *shape).contiguous() for part, shape in zip(packed.split(sizes, dim=1), shapes)]
+    return tuple(part.flatten(0, 1) if k in folded else part for k, part in enumerate(parts))
