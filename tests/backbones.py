@@ -15,7 +15,9 @@ vector and the batch size computed before the stages, a table the first stage co
 from its input's sizes (a rotary table, as timm's DeepSeek-ViT builds), and hands on its
 own output's sizes. With `two_inputs`, every stage after the first also reads the input of
 the stage before it (NASNet's cells read the two previous cells' outputs), so two tensors
-are alive between stages and the boundaries are packed (`PackBoundaries`). With
+are alive between stages and the boundaries are packed (`PackBoundaries`); with `folded`
+too, that input is handed on with its batch folded into its first axis (two rows per
+sample, as TNT's pixel tokens), a carried segment of the packs. With
 `batched_rows`, every stage reads per-sample rows built before the stages from the batch
 size alone (a table expanded to the batch, as Gemma4's rotary tables are), which are
 carried into each stage with its input (`CarryBatchedSideInputs`). With
@@ -145,6 +147,7 @@ class TwoInputStage(nn.Module):
         self.previous = layers.conv(previous_channels, channels, 1, stride)
 
     def forward(self, x, previous):
+        previous = previous.reshape(x.shape[0], -1, *previous.shape[2:])  # unfolded, where it was folded
         return self.blocks(x) + self.previous(previous)
 
 
@@ -171,6 +174,7 @@ class BackboneSpec:
     side_values: bool = False  # stages read and hand on batch-independent values (`SizedStage`)
     two_inputs: bool = False  # stages after the first also read the previous stage's input (`TwoInputStage`)
     batched_rows: bool = False  # stages read per-sample rows computed from the batch size (`RowsStage`)
+    folded: bool = False  # with two_inputs: the previous stage's input is handed on folded, [2B, C / 2, ...]
     shape_branches: bool = False  # forward branches in Python on its input's sizes (plain torch.fx cannot trace it)
     classes: int = 5
     expected: list[tuple[str, ...]] = field(default_factory=list)
@@ -244,12 +248,16 @@ class Backbone(nn.Module):
         self.rows = nn.Parameter(torch.linspace(-0.1, 0.1, max(spec.stem_width, *(s.width for s in spec.stages)))) if spec.batched_rows else None
         self.head_conv = nn.Sequential(layers.conv(cin, 2 * cin, 1), nn.ReLU()) if spec.head_conv else None
         features = 2 * cin if spec.head_conv else cin
-        self.dense, self.two_inputs, self.shape_branches = spec.dense, spec.two_inputs, spec.shape_branches
+        self.dense, self.two_inputs, self.shape_branches, self.folded = spec.dense, spec.two_inputs, spec.shape_branches, spec.folded
         self.side = spec.input_side
         if spec.dense:  # per-position classes, upsampled to the input in forward (torchvision's FCN)
             self.head = layers.conv(features, spec.classes, 1)
         else:
             self.head = nn.Sequential(layers.global_pool(), nn.Flatten(), nn.Linear(features, spec.classes))
+
+    def hand_on(self, y):
+        """A stage's input as the stage after the next reads it: folded, two rows per sample."""
+        return y.reshape(-1, y.shape[1] // 2, *y.shape[2:]) if self.folded else y
 
     def forward(self, x):
         gain = None if self.gain is None else 1.0 + torch.tanh(self.gain)  # batch-independent, computed before the stages
@@ -260,9 +268,9 @@ class Backbone(nn.Module):
             x = x.contiguous() if x.dim() == 4 else x.clone()  # a path per rank, as Gemma4's patch embedding has
         y = self.stem(x)
         if self.two_inputs:
-            previous, y = y, self.stages[0](y)
+            previous, y = self.hand_on(y), self.stages[0](y)
             for stage in self.stages[1:]:
-                previous, y = y, stage(y, previous)
+                previous, y = self.hand_on(y), stage(y, previous)
         elif self.rows is not None:
             rows = self.rows.expand(batch, -1)  # one row per sample, from the batch size alone
             for stage in self.stages:
@@ -320,6 +328,7 @@ def backbones(draw, max_stages: int = 4) -> BackboneSpec:
     kind = draw(st.sampled_from(["plain", "plain", "side_values", "two_inputs", "batched_rows"]))
     spec.side_values, spec.two_inputs, spec.batched_rows = kind == "side_values", kind == "two_inputs", kind == "batched_rows"
     spec.shape_branches = draw(st.booleans())
+    spec.folded = spec.two_inputs and draw(st.booleans())
     spec.expected = [(f"stages.{i}",) for i in range(count)]
     spec.expected[-1] += ("head_conv",) * spec.head_conv + ("head",) * spec.dense
     return spec
