@@ -36,24 +36,13 @@ SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device", "
 SIZED_FACTORIES = ("ones", "zeros", "full", "empty", "arange", "rand", "randn", "randint", "linspace", "eye")
 
 
-def _holds_tensor(value) -> bool:
+def _holds(value, kind: type) -> bool:
+    """`value`, or an item of it however nested, is a `kind`."""
     found = False
 
     def visit(item):
         nonlocal found
-        found = found or isinstance(item, torch.Tensor)
-        return item
-
-    map_aggregate(value, visit)
-    return found
-
-
-def _holds_proxy(value) -> bool:
-    found = False
-
-    def visit(item):
-        nonlocal found
-        found = found or isinstance(item, fx.Proxy)
+        found = found or isinstance(item, kind)
         return item
 
     map_aggregate(value, visit)
@@ -97,7 +86,7 @@ def _factories_recorded(tracer: fx.Tracer):
 
     def recorded(original):
         def factory(*args, **kwargs):
-            if _holds_proxy((args, kwargs)):
+            if _holds((args, kwargs), fx.Proxy):
                 return tracer.create_proxy("call_function", original, args, kwargs)
             return original(*args, **kwargs)
 
@@ -143,8 +132,8 @@ def value_on_sample(item):
 
 def _sizes_only(item) -> bool:
     if isinstance(item, fx.proxy.Attribute):
-        return item.attr in SHAPE_ATTRIBUTES or (_sizes_only(item.root) and not _holds_tensor(value_on_sample(item)))
-    return getattr(item, "sizes_only", False) if isinstance(item, fx.Proxy) else not _holds_tensor(item)
+        return item.attr in SHAPE_ATTRIBUTES or (_sizes_only(item.root) and not _holds(value_on_sample(item), torch.Tensor))
+    return getattr(item, "sizes_only", False) if isinstance(item, fx.Proxy) else not _holds(item, torch.Tensor)
 
 
 def fixed_value(proxy: fx.Proxy, use: str):
@@ -188,7 +177,7 @@ def sample_tracer_class(base: type[fx.Tracer]) -> type[fx.Tracer]:
             inputs = []
             map_aggregate((args, kwargs), lambda a: inputs.append(a) if isinstance(a, fx.Proxy) else a)
             proxy.sizes_only = _is_shape_query(proxy.node) or (
-                kind not in ("placeholder", "get_attr") and all(_sizes_only(i) for i in inputs) and not _holds_tensor(value)
+                kind not in ("placeholder", "get_attr") and all(_sizes_only(i) for i in inputs) and not _holds(value, torch.Tensor)
             )
             return proxy
 
@@ -233,7 +222,7 @@ def trace_at_sample(tracer_class: type[fx.Tracer], model: torch.nn.Module, sampl
         except TraceError:
             raise
         except Exception as exc:
-            raise TraceError(f"{first_line(exc)}") from exc
+            raise TraceError(first_line(exc)) from exc
     graph, other = graphs
     if _signature(graph) != _signature(other):
         raise TraceError(
