@@ -10,6 +10,11 @@ it where only batched feature tensors are alive, inserts `packed = pack(a, b, ..
 a single-tensor cut, so the stage rule applies unchanged and a routed part takes and gives
 one tensor; a routing key pools every tensor packed in it (`PackedLayout`). Packing copies
 values and unpacking restores shapes and contiguity, so the function is unchanged.
+Named stages also get a pack at their edges where several tensors are alive (TNT's
+blocks take and give two streams, without a drop). A tensor whose batch is folded into its
+first axis (TNT's pixel tokens) is packed unfolded, as a segment only carried (no key reads
+it), and folded back by `unpack`. `CarryBatchedSideInputs`, after the stages are found,
+packs the tables with a batch axis that a stage reads into its entry, carried too.
 `RemoveInnerPacks`, after the parts are outlined, removes the packs that no part boundary
 needs. Needs `ShapePropagation` first, and reruns it where it packed.
 """
