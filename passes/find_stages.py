@@ -443,6 +443,8 @@ def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[t
             )
         a = max(k for k, c in enumerate(facts.cuts) if facts.pos[c] < start)
         b = facts.cut_at[end]
+        if stages and a > stages[-1][1] and _glue_only(facts, stages[-1][1], a):
+            stages[-1] = (stages[-1][0], a)  # code between two named stages that no module holds (a reshape) joins the first
         if stages and a != stages[-1][1]:
             prev = ranges[len(stages) - 1]
             problem = "overlaps" if a < stages[-1][1] else "leaves a gap after"
@@ -452,6 +454,13 @@ def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[t
             )
         stages.append((a, b))
     return stages
+
+
+def _glue_only(facts: GraphFacts, k: int, m: int) -> bool:
+    """The nodes after cut k up to cut m belong to no module (the top-level forward's own
+    code, and the packs rmn-fx put there)."""
+    nodes = facts.nodes[facts.pos[facts.cuts[k]] + 1 : facts.pos[facts.cuts[m]] + 1]
+    return all(n.op != "call_module" and not n.meta.get("nn_module_stack") for n in nodes)
 
 
 def _unfolds_for_pack(node: fx.Node) -> bool:

@@ -147,7 +147,7 @@ class TwoInputStage(nn.Module):
         self.previous = layers.conv(previous_channels, channels, 1, stride)
 
     def forward(self, x, previous):
-        previous = previous.reshape(x.shape[0], -1, *previous.shape[2:])  # unfolded, where it was folded
+        previous = previous.unflatten(0, (x.shape[0], -1)).flatten(1, 2)  # unfolded, where it was folded
         return self.blocks(x) + self.previous(previous)
 
 
@@ -257,7 +257,7 @@ class Backbone(nn.Module):
 
     def hand_on(self, y):
         """A stage's input as the stage after the next reads it: folded, two rows per sample."""
-        return y.reshape(-1, y.shape[1] // 2, *y.shape[2:]) if self.folded else y
+        return y.unflatten(1, (2, -1)).flatten(0, 1) if self.folded else y
 
     def forward(self, x):
         gain = None if self.gain is None else 1.0 + torch.tanh(self.gain)  # batch-independent, computed before the stages
