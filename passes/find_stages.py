@@ -433,9 +433,8 @@ def named_stage_cuts(facts: GraphFacts, ranges: Sequence[ModuleRange]) -> list[t
         start, end = facts.spans[first_module][0], facts.spans[last_module][1]
         if end < start:
             raise StageError(f"stage range {first_module}:{last_module} is backwards: '{last_module}' runs before '{first_module}'")
-        if end not in facts.cut_at:  # the tensors alive after it, packed (a folded one unfolded first)
-            after = next((k for k in range(end + 1, len(facts.nodes)) if not _unfolds_for_pack(facts.nodes[k])), len(facts.nodes))
-            end = after if after < len(facts.nodes) and calls(facts.nodes[after], pack) else end
+        if end not in facts.cut_at and end + 1 < len(facts.nodes) and calls(facts.nodes[end + 1], pack):  # the tensors alive after it, packed
+            end += 1
         if end not in facts.cut_at:
             raise StageError(
                 f"a stage cannot end at '{last_module}': its output is not on the main path "
@@ -461,11 +460,6 @@ def _glue_only(facts: GraphFacts, k: int, m: int) -> bool:
     code, and the packs rmn-fx put there)."""
     nodes = facts.nodes[facts.pos[facts.cuts[k]] + 1 : facts.pos[facts.cuts[m]] + 1]
     return all(n.op != "call_module" and not n.meta.get("nn_module_stack") for n in nodes)
-
-
-def _unfolds_for_pack(node: fx.Node) -> bool:
-    """`node` unfolds a tensor's batch for the pack that reads it (`pack_boundaries`)."""
-    return node.op == "call_method" and node.target == "unflatten" and all(calls(user, pack) for user in node.users)
 
 
 def planned_stage_cuts(facts: GraphFacts, plan: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:

@@ -12,8 +12,8 @@ one tensor; a routing key pools every tensor packed in it (`PackedLayout`). Pack
 values and unpacking restores shapes and contiguity, so the function is unchanged.
 Named stages also get a pack at their edges where several tensors are alive (TNT's
 blocks take and give two streams, without a drop). A tensor whose batch is folded into its
-first axis (TNT's pixel tokens) is packed unfolded, as a segment only carried (no key reads
-it), and folded back by `unpack`. `CarryBatchedSideInputs`, after the stages are found,
+first axis (TNT's pixel tokens) is packed with its rows per sample, as a segment only
+carried (no key reads it), and folded back by `unpack`. `CarryBatchedSideInputs`, after the stages are found,
 packs the tables with a batch axis that a stage reads into its entry, carried too.
 `RemoveInnerPacks`, after the parts are outlined, removes the packs that no part boundary
 needs. Needs `ShapePropagation` first, and reruns it where it packed.
@@ -116,24 +116,20 @@ def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx
     """`packed = pack(*live)` after the latest of `live`; its parts replace `live` in every
     read after it. `originals`: the tensors of the traced graph that `live` stand for (their
     shapes and names); `carried`: the positions of those only carried (`PackedLayout`); a
-    tensor whose batch is folded into its first axis is carried with its rows per sample
-    unfolded (`unflatten`) and gets them folded back by `unpack`. Returns the parts."""
+    tensor whose batch is folded into its first axis is carried, its rows per sample given
+    to `pack` (`rows`), and gets them folded back by `unpack`. Returns the parts."""
     position = {n: i for i, n in enumerate(graph.nodes)}
     latest = max(live, key=position.__getitem__)
     readers = {n: [u for u in n.users if u.op == "output" or position[u] > position[latest]] for n in live}
-    folds = [original.meta.get("rmn_folded") for original in originals]
-    previous, joined = latest, []
-    for node, fold in zip(live, folds, strict=True):
-        if fold:
-            with graph.inserting_after(previous):
-                previous = graph.call_method("unflatten", (node, 0, (-1, fold)))
-        joined.append(previous if fold else node)
-    carried = tuple(sorted({*carried, *(k for k, fold in enumerate(folds) if fold)}))
-    with graph.inserting_after(previous):
-        kwargs = {"carried": carried} if carried else {}
-        packed = graph.create_node("call_function", pack, tuple(joined), kwargs, name=f"{originals[live.index(latest)].name}_packed")
-    shapes = tuple((fold, *tensor_shape(n)[1:]) if fold else tensor_shape(n)[1:] for n, fold in zip(originals, folds, strict=True))
-    folded = tuple(k for k, fold in enumerate(folds) if fold)
+    folds = [original.meta.get("rmn_folded", 1) for original in originals]
+    carried = tuple(sorted({*carried, *(k for k, fold in enumerate(folds) if fold > 1)}))
+    kwargs = {"carried": carried} if carried else {}
+    if any(fold > 1 for fold in folds):
+        kwargs["rows"] = tuple(folds)
+    with graph.inserting_after(latest):
+        packed = graph.create_node("call_function", pack, tuple(live), kwargs, name=f"{originals[live.index(latest)].name}_packed")
+    shapes = tuple((fold, *tensor_shape(n)[1:]) if fold > 1 else tensor_shape(n)[1:] for n, fold in zip(originals, folds, strict=True))
+    folded = tuple(k for k, fold in enumerate(folds) if fold > 1)
     with graph.inserting_after(packed):
         unpacked = graph.call_function(unpack, (packed, shapes, folded) if folded else (packed, shapes))
     parts, previous = [], unpacked
@@ -220,18 +216,12 @@ def _bypass_packs(graph: fx.Graph) -> bool:
         packed = parts.args[0]
         if not calls(packed, pack):
             continue
-        folded = parts.args[2] if len(parts.args) > 2 else ()
         for item in list(parts.users):
-            source = packed.args[item.args[1]]
-            item.replace_all_uses_with(source.args[0] if item.args[1] in folded else source)  # a folded tensor: as it was before its unfolding
+            item.replace_all_uses_with(packed.args[item.args[1]])
             graph.erase_node(item)
         graph.erase_node(parts)
         if not packed.users:
-            unfolded = [source for k, source in enumerate(packed.args) if k in folded]
             graph.erase_node(packed)
-            for node in unfolded:
-                if not node.users:
-                    graph.erase_node(node)
         found = True
     if found:
         graph.lint()

@@ -182,4 +182,6 @@ def _packed_layout(node: fx.Node) -> PackedLayout | None:
     layouts = [None if k in carried else source.meta.get("rmn_layout") for k, source in enumerate(node.args)]
     if not all(isinstance(layout, FeatureLayout) for k, layout in enumerate(layouts) if k not in carried):
         return None
-    return PackedLayout(tuple((layout, tensor_shape(source)[1:]) for layout, source in zip(layouts, node.args, strict=True)))
+    rows = node.kwargs.get("rows") or (1,) * len(node.args)  # a folded tensor's rows per sample
+    shapes = [(k, *tensor_shape(source)[1:]) if k > 1 else tensor_shape(source)[1:] for k, source in zip(rows, node.args, strict=True)]
+    return PackedLayout(tuple(zip(layouts, shapes, strict=True)))

@@ -141,13 +141,14 @@ class RowsStage(nn.Module):
 class TwoInputStage(nn.Module):
     """A stage that adds a strided 1x1 conv of the previous stage's input to its blocks' output."""
 
-    def __init__(self, layers: Layers, stride: int, previous_channels: int, channels: int, *blocks: nn.Module) -> None:
+    def __init__(self, layers: Layers, stride: int, previous_channels: int, channels: int, *blocks: nn.Module, rows: int = 1) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
         self.previous = layers.conv(previous_channels, channels, 1, stride)
+        self.rows = rows  # rows per sample of the previous stage's input (2: handed on folded)
 
     def forward(self, x, previous):
-        previous = previous.unflatten(0, (x.shape[0], -1)).flatten(1, 2)  # unfolded, where it was folded
+        previous = previous.unflatten(0, (x.shape[0], self.rows)).flatten(1, 2)  # unfolded, where it was folded (no size inferred: torch.export)
         return self.blocks(x) + self.previous(previous)
 
 
@@ -240,7 +241,7 @@ class Backbone(nn.Module):
             elif spec.batched_rows:
                 stages.append(RowsStage(layers, *stage))
             elif spec.two_inputs and len(stages) > 0:  # the previous stage's input, two drops back at most
-                stages.append(TwoInputStage(layers, 2 ** (drops[-2] + drops[-1]), widths[-3], cin, *stage))
+                stages.append(TwoInputStage(layers, 2 ** (drops[-2] + drops[-1]), widths[-3], cin, *stage, rows=2 if spec.folded else 1))
             else:
                 stages.append(nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
@@ -257,7 +258,7 @@ class Backbone(nn.Module):
 
     def hand_on(self, y):
         """A stage's input as the stage after the next reads it: folded, two rows per sample."""
-        return y.unflatten(1, (2, -1)).flatten(0, 1) if self.folded else y
+        return y.unflatten(1, (2, y.shape[1] // 2)).flatten(0, 1) if self.folded else y
 
     def forward(self, x):
         gain = None if self.gain is None else 1.0 + torch.tanh(self.gain)  # batch-independent, computed before the stages

@@ -188,12 +188,12 @@ class FoldedTwoInputCells(TwoInputCells):
         return self.head(x3 + restored[:, :, ::4, ::4])
 
 
-def test_a_tensor_with_its_batch_folded_into_its_first_axis_is_carried_unfolded():
+def test_a_tensor_with_its_batch_folded_into_its_first_axis_is_carried_with_its_rows():
     model = FoldedTwoInputCells("fold").eval()
     anatomy, stages = stages_of(model)
     assert stages == [("cell1",), ("cell2_a", "cell2_b"), ("cell3_a", "cell3_b")]
     assert anatomy.stages[1].in_layout.name == "packed(NCHW:8x32x32,carried:2x4x32x32,NCHW:8x32x32)"  # two rows per sample
-    assert "unflatten(0, (-1, 2))" in anatomy.graph_module.stem.code
+    assert "carried = (1,), rows = (1, 2)" in anatomy.graph_module.stem.code
     gm = rmn_fx.transform(model, branches=3, input_size=(3, 64, 64))
     x = torch.randn(5, 3, 64, 64)
     spread_routes(gm, x)

@@ -140,11 +140,17 @@ def layout_named(name: str) -> FeatureLayout | PackedLayout:
     return PackedLayout(tuple(segments))
 
 
-def pack(*tensors: torch.Tensor, carried: tuple[int, ...] = ()) -> torch.Tensor:
+def pack(*tensors: torch.Tensor, carried: tuple[int, ...] = (), rows: tuple[int, ...] = ()) -> torch.Tensor:
     """Tensors of one batch as one [B, D] tensor: each sample's values, tensor after tensor.
     `carried`: the positions of tensors that are only carried (see `PackedLayout`); it
-    changes nothing here and tells shape propagation, and readers of `gm.code`, which."""
-    return torch.cat([t.flatten(1) for t in tensors], dim=1)  # flatten, not reshape(B, -1): a sub-batch may be empty
+    changes nothing here and tells shape propagation, and readers of `gm.code`, which.
+    `rows`: rows per sample of each tensor's first axis (k > 1: its batch is folded into it,
+    as TNT's pixel tokens [B * patches, ...]; given, so that no size is inferred from a
+    sub-batch's, which torch.export cannot do for an empty one); () means 1 for all."""
+    if not any(k > 1 for k in rows):
+        return torch.cat([t.flatten(1) for t in tensors], dim=1)  # flatten, not reshape(B, -1): a sub-batch may be empty
+    batch = tensors[rows.index(1)].shape[0]
+    return torch.cat([t.reshape(batch, k * math.prod(t.shape[1:])) if k > 1 else t.flatten(1) for t, k in zip(tensors, rows, strict=True)], dim=1)
 
 
 def unpack(packed: torch.Tensor, shapes: tuple[tuple[int, ...], ...], folded: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
