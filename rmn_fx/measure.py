@@ -172,7 +172,7 @@ def compare(base: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict:
         "max_relative_error": relative_error(want, got),
         "base_params": count_params(base),
         "converted_params": count_params(converted),
-        "expected_params": count_params(trace(base)) + extra_params,
+        "expected_params": count_params(trace(base, x)) + extra_params,  # x: a model only the second capture traces needs it
         "base_flops_per_sample": base_flops,
         "converted_flops_per_sample": converted_flops,
         "expected_flops_per_sample": base_flops + extra_flops,
