@@ -500,12 +500,16 @@ def stem_side_values(facts: GraphFacts, a: int, b: int) -> set[fx.Node]:
     return values
 
 
+SIZE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
+SIZE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device", "is_floating_point", "is_contiguous"})
+
+
 def reads_sizes_only(node: fx.Node) -> bool:
     """`node` reads its tensor argument's sizes, dtype or device, not its values
     (`x.shape`, `x.size(1)`, `x.dim()`, `x.dtype`)."""
     if node.op == "call_method":
-        return node.target in ("size", "dim", "numel")
-    return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim", "dtype", "device")
+        return node.target in SIZE_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in SIZE_ATTRIBUTES
 
 
 def _ancestors_among(node: fx.Node, among: set[fx.Node]) -> set[fx.Node]:
@@ -576,7 +580,7 @@ def _check_side_values(facts: GraphFacts, stages: Sequence[Stage]) -> list[Stage
     kinds = classify(facts.gm, [node_of[name] for stage in stages for name in (*stage.side_inputs, *stage.side_outputs)])
     checked = []
     for stage in stages:
-        carried = tuple(n for n in stage.side_inputs if kinds[node_of[n]] == DEPENDENT and node_of[n].meta.get("rmn_batched"))
+        carried = tuple(n for n in stage.side_inputs if kinds[node_of[n]] == DEPENDENT and node_of[n].meta.get("rmn_rows") == 1)
         for name in (*stage.side_inputs, *stage.side_outputs):
             kind = kinds[node_of[name]]
             if kind == INDEPENDENT or (kind == BATCH_SIZE and name in stage.side_inputs) or name in carried:

@@ -82,7 +82,7 @@ def _packable(tensors: tuple[fx.Node, ...]) -> bool:
     """Several tensors, each a batched feature map or token sequence or a tensor whose batch
     is folded into its first axis (carried), at least one of them a feature tensor."""
     layouts = [isinstance(n.meta.get("rmn_layout"), FeatureLayout) for n in tensors]
-    return len(tensors) >= 2 and any(layouts) and all(f or "rmn_folded" in n.meta for f, n in zip(layouts, tensors, strict=True))
+    return len(tensors) >= 2 and any(layouts) and all(f or n.meta.get("rmn_rows", 1) > 1 for f, n in zip(layouts, tensors, strict=True))
 
 
 def packable_boundaries(facts: GraphFacts, ranges: Sequence[ModuleRange] = ()) -> list[tuple[fx.Node, ...]]:
@@ -121,7 +121,7 @@ def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx
     position = {n: i for i, n in enumerate(graph.nodes)}
     latest = max(live, key=position.__getitem__)
     readers = {n: [u for u in n.users if u.op == "output" or position[u] > position[latest]] for n in live}
-    folds = [original.meta.get("rmn_folded", 1) for original in originals]
+    folds = [original.meta.get("rmn_rows", 1) for original in originals]
     carried = tuple(sorted({*carried, *(k for k, fold in enumerate(folds) if fold > 1)}))
     kwargs = {"carried": carried} if carried else {}
     if any(fold > 1 for fold in folds):

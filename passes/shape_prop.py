@@ -3,9 +3,9 @@
 Records `meta["tensor_meta"]` as `torch.fx.passes.shape_prop.ShapeProp` does (without its
 traceback printing, so a rejected input size gives one clean error naming the node) and,
 on every node that holds a batched feature map, `meta["rmn_layout"]` (a FeatureLayout)
-and `meta["rmn_resolution"]` (spatial positions per sample); `meta["rmn_batched"]` on
-every tensor whose first axis is the batch, `meta["rmn_folded"]` = k on every tensor whose
-first axis holds k rows per sample. No mutation of the graph.
+and `meta["rmn_resolution"]` (spatial positions per sample); `meta["rmn_rows"]` = k on
+every tensor whose first axis holds k rows per sample (1: the batch axis itself; k > 1:
+the batch folded with another axis). No mutation of the graph.
 
 A tensor counts as batched only if a second probe, one sample larger, grows its first
 dimension by one and leaves the rest: at the sample batch alone, a stacked dimension of
@@ -135,17 +135,15 @@ class ShapePropagation(PassBase):
         larger = self._probe_one_sample_more(graph_module)
         for node in graph_module.graph.nodes:
             shape = tensor_shape(node)
-            fold = _batch_fold(shape, larger.get(node), batch) if shape else None
+            rows = _rows_per_sample(shape, larger.get(node), batch) if shape else None
             if calls(node, pack):
                 layout = _packed_layout(node)
             else:
-                layout = infer_layout(shape, batch, image_hw) if fold == 1 else None
-            for key in ("rmn_batched", "rmn_folded", "rmn_layout", "rmn_resolution"):  # a rerun after a rewrite starts afresh
+                layout = infer_layout(shape, batch, image_hw) if rows == 1 else None
+            for key in ("rmn_rows", "rmn_layout", "rmn_resolution"):  # a rerun after a rewrite starts afresh
                 node.meta.pop(key, None)
-            if fold == 1:
-                node.meta["rmn_batched"] = True
-            elif fold:
-                node.meta["rmn_folded"] = fold
+            if rows:
+                node.meta["rmn_rows"] = rows
             if layout is not None:
                 node.meta["rmn_layout"] = layout
                 node.meta["rmn_resolution"] = layout.resolution(shape)
@@ -166,7 +164,7 @@ class ShapePropagation(PassBase):
         return probe.shapes
 
 
-def _batch_fold(shape: tuple[int, ...], larger: tuple[int, ...] | None, batch: int) -> int | None:
+def _rows_per_sample(shape: tuple[int, ...], larger: tuple[int, ...] | None, batch: int) -> int | None:
     """k where the first axis holds k rows per sample (1: the batch axis itself; k > 1: the
     batch folded with another axis, as TNT's pixel tokens [B * patches, pixels, C]): it is
     k * batch on the sample and grows by k with one sample more, nothing else changing."""

@@ -28,10 +28,10 @@ from torch import fx
 from torch.fx import _symbolic_trace
 from torch.fx.node import map_aggregate
 
+from passes.find_stages import SIZE_ATTRIBUTES, reads_sizes_only
+
 from .errors import TraceError, first_line
 
-SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
-SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device", "is_floating_point", "is_contiguous"})
 # torch factories take sizes as separate integers, which their argument parser will not take from a proxy
 SIZED_FACTORIES = ("ones", "zeros", "full", "empty", "arange", "rand", "randn", "randint", "linspace", "eye")
 
@@ -60,11 +60,7 @@ def _attribute(root: torch.nn.Module, path: str):
 
 
 def _is_shape_query(node: fx.Node) -> bool:
-    return (
-        (node.op == "call_function" and node.target is builtins.getattr and node.args[1] in SHAPE_ATTRIBUTES)
-        or (node.op == "call_method" and node.target in SHAPE_METHODS)
-        or (node.op == "call_function" and node.target is builtins.len)
-    )
+    return reads_sizes_only(node) or (node.op == "call_function" and node.target is builtins.len)
 
 
 @contextlib.contextmanager
@@ -132,7 +128,7 @@ def value_on_sample(item):
 
 def _sizes_only(item) -> bool:
     if isinstance(item, fx.proxy.Attribute):
-        return item.attr in SHAPE_ATTRIBUTES or (_sizes_only(item.root) and not _holds(value_on_sample(item), torch.Tensor))
+        return item.attr in SIZE_ATTRIBUTES or (_sizes_only(item.root) and not _holds(value_on_sample(item), torch.Tensor))
     return getattr(item, "sizes_only", False) if isinstance(item, fx.Proxy) else not _holds(item, torch.Tensor)
 
 
