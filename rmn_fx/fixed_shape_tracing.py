@@ -28,7 +28,7 @@ from torch import fx
 from torch.fx import _symbolic_trace
 from torch.fx.node import map_aggregate
 
-from passes.find_stages import SIZE_ATTRIBUTES, reads_sizes_only
+from rmn_fx.passes.find_stages import SIZE_ATTRIBUTES, reads_sizes_only
 
 from .errors import TraceError, first_line
 
