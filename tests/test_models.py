@@ -123,8 +123,12 @@ def test_top_level_code_reads_stem_stages_head():
 
 
 def test_installed_packages_do_not_claim_generic_names(tmp_path):
+    """Outside the repository root every module imports (none reaches for a top-level
+    `passes` or `recipes`), and no such generic name is installed."""
     code = (
-        "import importlib.util as u, rmn_fx.passes, rmn_fx.recipes;"
+        "import importlib, importlib.util as u, pkgutil, rmn_fx, rmn_fx.passes, rmn_fx.recipes;"
+        "[importlib.import_module(m.name) for p in (rmn_fx, rmn_fx.passes, rmn_fx.recipes)"
+        " for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.') if not m.name.endswith('__main__')];"
         "print(u.find_spec('passes') is None and u.find_spec('recipes') is None)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
