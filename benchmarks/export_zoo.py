@@ -107,7 +107,7 @@ def run_in_processes(work, names: list[str], jobs: int, per_process: int = 4):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hub", choices=["torchvision", "timm"], required=True)
     parser.add_argument("--models", nargs="*", help="Only these models.")
     parser.add_argument("--branches", type=int, default=2)

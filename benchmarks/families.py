@@ -74,7 +74,7 @@ def run_one(family: str, args, folder: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="*", default=DEFAULT_FAMILIES, choices=list(FAMILIES))
     parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=4)

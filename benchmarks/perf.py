@@ -106,7 +106,7 @@ def measure(name: str, branches: int, runtimes: list[str], batches: list[int], r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "efficientnet_b0"])
     parser.add_argument("--branches", type=int, default=8)
     parser.add_argument("--runtimes", nargs="+", default=["eager", "compile", "onnx"], choices=["eager", "compile", "onnx"])

@@ -33,7 +33,7 @@ from rmn_fx.zoo import SIDES, TIMM_MODELS, check, check_detector, exact_row, max
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hub", choices=["torchvision", "timm"], required=True)
     parser.add_argument("--branches", type=int, default=2)
     parser.add_argument("--models", nargs="*", help="Only these models.")
