@@ -118,18 +118,22 @@ def test_packed_boundaries_export_to_onnx_with_parity(rule, options):
         assert rows[-1].procedures_used == [3] * len(hard_routed(gm))
 
 
-class OneProcedureDispatch(torch.nn.Module):
-    """The exported dispatch's pattern for one procedure (rows, Gather, the procedure,
-    ScatterND); with `leak`, a value inside the procedure is also read outside it."""
+class TwoProcedureDispatch(torch.nn.Module):
+    """The exported dispatch's pattern for two procedures (rows, Gather, the procedure, a
+    Concat of the outputs gathered back in batch order): procedure 0 is the identity,
+    procedure 1 two ops; with `leak`, a value inside procedure 1 is also read outside it."""
 
     def __init__(self, leak: bool) -> None:
         super().__init__()
         self.leak = leak
 
     def forward(self, x):
-        rows = torch.nonzero(x[:, 0] > 0).squeeze(1)
-        hidden = x.index_select(0, rows) * 2.0
-        out = torch.zeros_like(x).index_copy(0, rows, torch.tanh(hidden) + 1.0)
+        route = (x[:, 0] > 0).long()
+        rows = [torch.nonzero(route == j).squeeze(1) for j in (0, 1)]
+        hidden = x.index_select(0, rows[1]) * 2.0
+        order = torch.cat(rows)
+        position = torch.empty_like(route).index_copy(0, order, torch.arange(order.shape[0]))
+        out = torch.cat([x.index_select(0, rows[0]), torch.tanh(hidden) + 1.0]).index_select(0, position)
         return out + hidden.sum() if self.leak else out
 
 
@@ -137,12 +141,12 @@ class OneProcedureDispatch(torch.nn.Module):
 def test_onnx_if_wraps_a_procedure_only_when_nothing_outside_reads_it(leak):
     from rmn_fx.deploy.onnx_branches import skip_empty_procedures
 
-    model = OneProcedureDispatch(leak).eval()
+    model = TwoProcedureDispatch(leak).eval()
     example = torch.tensor([[1.0, 2.0], [-1.0, 3.0]])
     onnx_program = torch.onnx.export(
         model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, verbose=False
     )
-    assert skip_empty_procedures(onnx_program.model) == (0 if leak else 1)
+    assert skip_empty_procedures(onnx_program.model) == (1 if leak else 2)
     run = FORMATS["onnx"].runner(onnx_program)
     for x in (example, -example.abs(), torch.randn(9, 2)):  # some rows, no rows, a new batch size
         assert torch.allclose(run(x), model(x), atol=1e-6)

@@ -146,17 +146,17 @@ def empty_batch_like(y: torch.Tensor, batch: int) -> torch.Tensor:
 
 def traceable_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList) -> torch.Tensor:
     """`dispatch` without a host sync or a branch on data: per procedure j, the indices of
-    its samples (`nonzero(route == j)`), their sub-batch, the procedure, and an `index_copy`
-    back. Every procedure runs, on an empty sub-batch if it has no sample (no FLOPs), so
+    its samples (`nonzero(route == j)`), their sub-batch and the procedure; then the
+    outputs, concatenated in procedure order, are put back in the batch's order by one
+    gather. Every procedure runs, on an empty sub-batch if it has no sample (no FLOPs), so
     the program is the same whatever the routes: what torch.export, ONNX and
-    torch.jit.trace record (inference: a procedure runs in its own mode). The sub-batch
-    sizes are data-dependent (unbacked) sizes; see `rmn_fx.deploy.subbatch_ops` for the layers
-    that cannot take them as they are (BatchNorm, GroupNorm)."""
-    out = None
-    for j, procedure in enumerate(procedures):
-        index = torch.nonzero(route == j).squeeze(1)
-        y = procedure(x.index_select(0, index))
-        if out is None:
-            out = y.new_zeros((x.shape[0], *y.shape[1:]))
-        out = out.index_copy(0, index, y)
-    return out
+    torch.jit.trace record (inference: a procedure runs in its own mode). One gather
+    copies the stage's output once, where an `index_copy` per procedure would copy it N
+    times (ONNX Runtime's ScatterND copies its whole input). The sub-batch sizes are
+    data-dependent (unbacked) sizes; see `rmn_fx.deploy.subbatch_ops` for the layers that
+    cannot take them as they are (BatchNorm, GroupNorm)."""
+    rows = [torch.nonzero(route == j).squeeze(1) for j in range(len(procedures))]
+    outputs = [procedure(x.index_select(0, index)) for procedure, index in zip(procedures, rows, strict=True)]
+    order = torch.cat(rows)  # the batch's samples in procedure order
+    position = torch.empty_like(route).index_copy(0, order, torch.arange(order.shape[0], device=route.device))  # sample i's row in the concatenation
+    return torch.cat(outputs).index_select(0, position)
