@@ -5,7 +5,8 @@ routes in the graph, so that each sample still runs through its own procedures.
     rows = rmn_fx.deploy.check_parity(gm, rmn_fx.deploy.FORMATS["onnx"].runner(program), example)
 
 How: under an exporter the routed stages dispatch without a host sync (`nonzero` per
-procedure, `index_select`, the procedure on its data-dependent sub-batch, `index_copy`),
+procedure, `index_select`, the procedure on its data-dependent sub-batch; one gather puts
+the concatenated outputs back in batch order),
 and the norms that branch on such a sub-batch's size run in a form that does not
 (`subbatch_ops.ExportableOps`: BatchNorm as its inference affine map, a roll as a gather). In ONNX each procedure
 then sits in an `If` on having samples (`onnx_branches`), so an empty one runs no kernel.
