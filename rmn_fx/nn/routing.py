@@ -157,6 +157,7 @@ def traceable_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.Modu
     cannot take them as they are (BatchNorm, GroupNorm)."""
     rows = [torch.nonzero(route == j).squeeze(1) for j in range(len(procedures))]
     outputs = [procedure(x.index_select(0, index)) for procedure, index in zip(procedures, rows, strict=True)]
-    order = torch.cat(rows)  # the batch's samples in procedure order
-    position = torch.empty_like(route).index_copy(0, order, torch.arange(order.shape[0], device=route.device))  # sample i's row in the concatenation
+    batch = route.shape[0]
+    order = torch.argsort(route * batch + torch.arange(batch, device=route.device))  # the rows concatenated: by procedure, then sample
+    position = torch.argsort(order)  # sample i's row in the concatenation (of the batch's size, not a sum of sub-batch sizes)
     return torch.cat(outputs).index_select(0, position)
