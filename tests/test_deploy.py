@@ -32,6 +32,7 @@ from rmn_fx.deploy import FORMATS, check_parity, example_input
 from rmn_fx.deploy.subbatch_ops import ExportableOps, gathered_roll
 from rmn_fx.errors import ExportError
 from rmn_fx.measure import relative_error
+from rmn_fx.nn.routing import in_batch_order
 
 EXPORT_SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIZE = (3, 32, 32)
@@ -119,8 +120,8 @@ def test_packed_boundaries_export_to_onnx_with_parity(rule, options):
 
 
 class TwoProcedureDispatch(torch.nn.Module):
-    """The exported dispatch's pattern for two procedures (rows, Gather, the procedure, a
-    Concat of the outputs gathered back in batch order): procedure 0 is the identity,
+    """The exported dispatch's pattern for two procedures (rows, Gather, the procedure, the
+    outputs put back in batch order by `in_batch_order`): procedure 0 is the identity,
     procedure 1 two ops; with `leak`, a value inside procedure 1 is also read outside it."""
 
     def __init__(self, leak: bool) -> None:
@@ -131,9 +132,7 @@ class TwoProcedureDispatch(torch.nn.Module):
         route = (x[:, 0] > 0).long()
         rows = [torch.nonzero(route == j).squeeze(1) for j in (0, 1)]
         hidden = x.index_select(0, rows[1]) * 2.0
-        order = torch.cat(rows)
-        position = torch.empty_like(route).index_copy(0, order, torch.arange(order.shape[0]))
-        out = torch.cat([x.index_select(0, rows[0]), torch.tanh(hidden) + 1.0]).index_select(0, position)
+        out = in_batch_order([x.index_select(0, rows[0]), torch.tanh(hidden) + 1.0], route)
         return out + hidden.sum() if self.leak else out
 
 

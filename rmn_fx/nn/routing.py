@@ -157,7 +157,15 @@ def traceable_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.Modu
     cannot take them as they are (BatchNorm, GroupNorm)."""
     rows = [torch.nonzero(route == j).squeeze(1) for j in range(len(procedures))]
     outputs = [procedure(x.index_select(0, index)) for procedure, index in zip(procedures, rows, strict=True)]
+    return in_batch_order(outputs, route)
+
+
+def in_batch_order(outputs: list[torch.Tensor], route: torch.Tensor) -> torch.Tensor:
+    """The procedures' outputs (procedure j's: its samples' rows, in batch order) as one
+    tensor in the batch's order: concatenated, then one gather. The gather's indices come
+    from an argsort of (procedure, sample), so every size is the batch's, never a sum of
+    data-dependent sub-batch sizes."""
     batch = route.shape[0]
     order = torch.argsort(route * batch + torch.arange(batch, device=route.device))  # the rows concatenated: by procedure, then sample
-    position = torch.argsort(order)  # sample i's row in the concatenation (of the batch's size, not a sum of sub-batch sizes)
+    position = torch.argsort(order)  # sample i's row in the concatenation
     return torch.cat(outputs).index_select(0, position)
