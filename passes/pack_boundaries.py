@@ -31,7 +31,7 @@ from rmn_fx.nn.layout import FeatureLayout, pack, unpack
 
 from .find_stages import DROP_FACTOR, GraphFacts, ModuleRange, reads_sizes_only, side_value_error
 from .infra import PassBase, PassResult
-from .shape_prop import ShapePropagation, calls, carries_tensors, tensor_shape
+from .shape_prop import ShapePropagation, calls, carries_tensors, sample_shape
 
 
 def live_tensors(facts: GraphFacts) -> list[tuple[fx.Node, ...]]:
@@ -121,15 +121,15 @@ def _insert_pack(graph: fx.Graph, live: tuple[fx.Node, ...], originals: tuple[fx
     position = {n: i for i, n in enumerate(graph.nodes)}
     latest = max(live, key=position.__getitem__)
     readers = {n: [u for u in n.users if u.op == "output" or position[u] > position[latest]] for n in live}
-    folds = [original.meta.get("rmn_rows", 1) for original in originals]
-    carried = tuple(sorted({*carried, *(k for k, fold in enumerate(folds) if fold > 1)}))
+    rows = tuple(original.meta.get("rmn_rows", 1) for original in originals)
+    folded = tuple(k for k, r in enumerate(rows) if r > 1)
+    carried = tuple(sorted({*carried, *folded}))
     kwargs = {"carried": carried} if carried else {}
-    if any(fold > 1 for fold in folds):
-        kwargs["rows"] = tuple(folds)
+    if folded:
+        kwargs["rows"] = rows
     with graph.inserting_after(latest):
         packed = graph.create_node("call_function", pack, tuple(live), kwargs, name=f"{originals[live.index(latest)].name}_packed")
-    shapes = tuple((fold, *tensor_shape(n)[1:]) if fold > 1 else tensor_shape(n)[1:] for n, fold in zip(originals, folds, strict=True))
-    folded = tuple(k for k, fold in enumerate(folds) if fold > 1)
+    shapes = tuple(sample_shape(n, r) for n, r in zip(originals, rows, strict=True))
     with graph.inserting_after(packed):
         unpacked = graph.call_function(unpack, (packed, shapes, folded) if folded else (packed, shapes))
     parts, previous = [], unpacked

@@ -38,6 +38,14 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
 
+def sample_shape(node: fx.Node, rows: int = 1) -> tuple[int, ...]:
+    """One sample's shape of `node`'s tensor, whose first axis holds `rows` rows per sample
+    (k > 1: the batch folded in, kept as the sample's first axis): what `pack` joins and
+    `unpack` restores."""
+    shape = tensor_shape(node)
+    return (rows, *shape[1:]) if rows > 1 else shape[1:]
+
+
 def carries_tensors(node: fx.Node) -> bool:
     return "tensor_meta" in node.meta
 
@@ -181,5 +189,5 @@ def _packed_layout(node: fx.Node) -> PackedLayout | None:
     if not all(isinstance(layout, FeatureLayout) for k, layout in enumerate(layouts) if k not in carried):
         return None
     rows = node.kwargs.get("rows") or (1,) * len(node.args)  # a folded tensor's rows per sample
-    shapes = [(k, *tensor_shape(source)[1:]) if k > 1 else tensor_shape(source)[1:] for k, source in zip(rows, node.args, strict=True)]
+    shapes = [sample_shape(source, k) for source, k in zip(node.args, rows, strict=True)]
     return PackedLayout(tuple(zip(layouts, shapes, strict=True)))
