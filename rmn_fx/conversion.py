@@ -231,6 +231,7 @@ def transform(
         raise OptionError(f"routed stages must be indices in 1..{count}, got {routed!r}")
     specs = part_specs(anatomy.graph_module, config, routed)
     check_memory_for(anatomy, config, specs)
+    base_params = count_params(anatomy.graph_module)  # what the base's forward uses (before cloning)
     gm, _ = PassManager([RouteStages(config, routed)])(anatomy.graph_module)
     gm.meta["rmn_fx"] = {
         "source": anatomy.source,
@@ -243,6 +244,7 @@ def transform(
         "stage_plan": [[s.entry, s.exit] for s in anatomy.stages],
         "left_out": [[path, count] for path, count in anatomy.left_out],
         "capture": anatomy.capture,
+        "base_params": base_params,
     }
     if anatomy.left_out:
         warnings.warn(describe_left_out(anatomy.left_out), ModulesLeftOutWarning, stacklevel=2)

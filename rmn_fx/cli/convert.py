@@ -52,8 +52,7 @@ def convert(model, weights, input_size, stages, granularity, remove_downsampling
     from rmn_fx.measure import count_params
     from rmn_fx.nn.rules import RoutingConfig
     from rmn_fx.serialization import save
-    from rmn_fx.passes.shape_prop import sample_input
-    from rmn_fx.tracing import describe_left_out, trace
+    from rmn_fx.tracing import describe_left_out
 
     check_writable(output)
     net, input_size = build(model, num_classes, weights, input_size)
@@ -61,8 +60,7 @@ def convert(model, weights, input_size, stages, granularity, remove_downsampling
         gm = transform(net, branches, attention, stages, routed, input_size, memory_momentum, remove_downsamplings=remove_downsamplings or 0, routing=routing, top_k=top_k, granularity=granularity)
     gm.meta["rmn_fx"]["source"] = {"model": model, "num_classes": num_classes}
     save(gm, output)
-    sample = sample_input(tuple(gm.meta['rmn_fx']['input_size']))  # a model only the second capture traces needs one
-    base, converted = count_params(trace(net, sample)), count_params(gm)  # the traced base: what its forward uses
+    base, converted = gm.meta["rmn_fx"]["base_params"], count_params(gm)  # the base's parameters its forward uses
     routed_names = ", ".join(f"stage_{i}" for i in gm.meta["rmn_fx"]["routed"])
     click.echo(f"{model}: routed {routed_names} with {branches} procedures, {RoutingConfig.from_meta(gm.meta['rmn_fx']).describe()}")
     click.echo(f"parameters: {base:,} -> {converted:,} ({converted / base:.2f}x)")
