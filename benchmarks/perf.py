@@ -17,6 +17,7 @@ distance of 1 is not a measured cost.
 
     python benchmarks/perf.py -o out/perf
     python benchmarks/perf.py --models resnet18 --runtimes eager onnx -o out/perf_r18
+    python benchmarks/perf.py --device cuda --runtimes eager compile -o out/perf_cuda
 """
 
 from __future__ import annotations
@@ -44,14 +45,17 @@ def median_latencies(runners: dict[str, Runner], x: torch.Tensor, repeats: int) 
     """Median seconds per call of each runner on `x`; calls are interleaved so that drift in
     the machine's speed (other load, frequency) affects every runner alike."""
     times: dict[str, list[float]] = {name: [] for name in runners}
+    finish = torch.cuda.synchronize if x.is_cuda else lambda: None  # a call's time includes its kernels
     with torch.no_grad():
         for run in runners.values():
             run(x)
             run(x)
         for _ in range(repeats):
             for name, run in runners.items():
+                finish()
                 start = time.perf_counter()
                 run(x)
+                finish()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(samples) for name, samples in times.items()}
 
@@ -72,7 +76,7 @@ def runners(runtime: str, model, size: tuple[int, ...], copies: int = 1) -> list
     return [torch.compile(m, dynamic=True) for m in models] if runtime == "compile" else models
 
 
-def measure(name: str, branches: int, runtimes: list[str], batches: list[int], repeats: int) -> list[dict]:
+def measure(name: str, branches: int, runtimes: list[str], batches: list[int], repeats: int, device: torch.device) -> list[dict]:
     base = create_model(name).eval()
     start = time.perf_counter()
     gm = rmn_fx.transform(base, branches=branches)
@@ -83,6 +87,7 @@ def measure(name: str, branches: int, runtimes: list[str], batches: list[int], r
     spread_routes(gm, inputs[max(batches)])
     x1 = inputs[min(batches)][:1]
     flops_base, flops_routed = flop_counts(base, x1)[0], flop_counts(gm, x1)[0]
+    base, gm, inputs = base.to(device), gm.to(device), {b: x.to(device) for b, x in inputs.items()}
     rows = []
     size = tuple(x1.shape[1:])
     for runtime in runtimes:
@@ -95,7 +100,7 @@ def measure(name: str, branches: int, runtimes: list[str], batches: list[int], r
             best = min(t["base"], t["base_split"])
             rows.append(
                 {
-                    "model": name, "branches": branches, "runtime": runtime, "batch": batch, "threads": torch.get_num_threads(),
+                    "model": name, "branches": branches, "runtime": runtime, "batch": batch, "device": device.type, "threads": torch.get_num_threads(),
                     "convert_s": round(convert_s, 2), "flops_ratio": round(flops_routed / flops_base, 4),
                     "mean_sub_batch": sub_batch, "base_ms": round(1000 * t["base"], 2), "base_split_ms": round(1000 * t["base_split"], 2),
                     "routed_ms": round(1000 * t["routed"], 2), "ratio_to_best_base": round(t["routed"] / best, 3),
@@ -113,13 +118,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=30, help="Timed runs at batch 1 (a quarter of them at larger batches).")
     parser.add_argument("--threads", type=int, help="Intra-op threads (default: torch's).")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where eager and compiled models run (ONNX Runtime: the CPU only).")
     parser.add_argument("-o", "--output", default="out/perf", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
+    if args.device == "cuda" and "onnx" in args.runtimes:
+        parser.error("--device cuda times eager and compile only (the export extra's ONNX Runtime runs on the CPU): drop onnx from --runtimes")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [row for n in tqdm(args.models, desc="models", disable=None) for row in measure(n, args.branches, args.runtimes, args.batches, args.repeats)]
+    rows = [row for n in tqdm(args.models, desc="models", disable=None) for row in measure(n, args.branches, args.runtimes, args.batches, args.repeats, torch.device(args.device))]
     write_rows(args.output, rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.branches}, memory routing with attention, 224x224")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, N = {args.branches}, memory routing with attention, 224x224")
     print("| model | runtime | batch | FLOPs ratio | base whole / split into sub-batches of S (ms) | routed (ms) | routed / faster base | noise floor: copy / base |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

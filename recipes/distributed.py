@@ -6,7 +6,9 @@ per-procedure key sums and counts before the moving-average update; (2) k-means 
 on rank 0, over the keys gathered from all ranks, and its centres are broadcast;
 (3) a procedure may receive no sample on a rank, so DDP looks for unused parameters;
 (4) with SyncBN, collective layers must run on every rank, so every procedure runs on
-every step (on an empty sub-batch if need be). Gloo on CPU, NCCL on CUDA.
+every step (on an empty sub-batch if need be). Gloo on CPU, NCCL on CUDA. A torchrun launch
+of one process joins a group of one: the same DDP and collective code path as eight GPUs,
+which is how that path is checked on a machine with one GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Group:
 
     rank: int = 0
     world: int = 1
+    joined: bool = False  # in a torch.distributed process group (torchrun), even one of one process
 
     @property
     def is_main(self) -> bool:
@@ -34,7 +37,7 @@ class Group:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self.joined
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks, in place."""
@@ -63,14 +66,13 @@ class Group:
 
 def start(device: torch.device) -> Group:
     """Join the process group that torchrun describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not dist.is_torchelastic_launched():
         return Group()
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Group(dist.get_rank(), dist.get_world_size())
+    return Group(dist.get_rank(), dist.get_world_size(), joined=True)
 
 
 def stop(group: Group) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_cnn
 from torch import nn
 
 import rmn_fx
@@ -130,3 +131,22 @@ def randomize_rule_weights(gm) -> None:
             for name, p in stage.named_parameters():
                 if not name.startswith("procedures."):
                     p.copy_(torch.randn(p.shape, generator=generator))
+
+
+SIZE = (3, 32, 32)  # tiny_cnn's input
+
+
+def tiny_converted(rule: str, options: dict, branches: int = 4):
+    """tiny_cnn (BatchNorm everywhere) converted with `rule`, its routes spread over every
+    procedure, BatchNorm statistics and rule weights away from their initial values."""
+    torch.manual_seed(0)
+    base = tiny_cnn()
+    with torch.no_grad():
+        for m in base.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=SIZE, **options).eval()
+    randomize_rule_weights(gm)
+    spread_routes(gm, torch.randn(2 * branches, *SIZE, generator=torch.Generator().manual_seed(3)))
+    return gm

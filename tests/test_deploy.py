@@ -14,12 +14,14 @@ from backbones import backbones
 from helpers import (
     ROUTING_IDS,
     ROUTINGS,
+    SIZE,
     assert_one_line_error,
     convert,
     randomize_rule_weights,
     routed_stages,
     routings,
     spread_routes,
+    tiny_converted,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,29 +37,12 @@ from rmn_fx.measure import relative_error
 from rmn_fx.nn.routing import in_batch_order
 
 EXPORT_SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SIZE = (3, 32, 32)
 TINY = "tiny_models:tiny_cnn"
 
 
 def hard_routed(gm) -> list:
     """The stages that send each sample to some of their procedures (not the dense rules)."""
     return [s for s in routed_stages(gm) if not s.multipath]
-
-
-def tiny_converted(rule: str, options: dict, branches: int = 4):
-    """tiny_cnn (BatchNorm everywhere) converted with `rule`, its routes spread over every
-    procedure, BatchNorm statistics and rule weights away from their initial values."""
-    torch.manual_seed(0)
-    base = tiny_cnn()
-    with torch.no_grad():
-        for m in base.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=SIZE, **options).eval()
-    randomize_rule_weights(gm)
-    spread_routes(gm, torch.randn(2 * branches, *SIZE, generator=torch.Generator().manual_seed(3)))
-    return gm
 
 
 @pytest.mark.slow
