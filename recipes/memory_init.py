@@ -19,7 +19,7 @@ from rmn_fx.errors import RMNError
 from rmn_fx.nn.modes import hooks, training_mode
 from rmn_fx.nn.routed_stage import routed_stages
 
-from .distributed import Group
+from .distributed import Group, model_device
 from .progress import progress
 
 
@@ -29,8 +29,10 @@ class MemoryInitError(RMNError):
 
 @torch.no_grad()
 def collect_keys(model: nn.Module, batches: Iterable, max_samples: int | None = None, show_progress: bool = True) -> list[torch.Tensor]:
-    """Keys [samples, C] of every routed stage, over `batches` of images (or (images, ...))."""
+    """Keys [samples, C] of every routed stage, over `batches` of images (or (images, ...))
+    as a loader gives them: on the CPU, moved to the model's device here."""
     stages = routed_stages(model)
+    device = model_device(model)
     keys: list[list[torch.Tensor]] = [[] for _ in stages]
     recorders = [
         stage.register_forward_pre_hook(lambda m, args, i=i: keys[i].append(m.key(args[0]).float().cpu()))
@@ -40,7 +42,7 @@ def collect_keys(model: nn.Module, batches: Iterable, max_samples: int | None = 
     with hooks(recorders), training_mode(model, False):
         for batch in progress(batches, "memory keys" if show_progress else None):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(images)
+            model(images.to(device, non_blocking=True))
             seen += images.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
