@@ -29,7 +29,8 @@ READABLE_VERSIONS = (1, 2)
 
 
 def save(gm: fx.GraphModule, path: str) -> None:
-    """Write a converted model to `path` (atomically)."""
+    """Write a converted model to `path` (atomically), its tensors on the CPU: a model
+    trained on a GPU opens with a plain `torch.load` on a machine without one."""
     config = gm.meta.get("rmn_fx")
     if config is None:
         raise ModelFileError("this module was not made by rmn_fx.transform; only converted models can be saved")
@@ -37,7 +38,7 @@ def save(gm: fx.GraphModule, path: str) -> None:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": json.dumps(config),
-        "state_dict": gm.state_dict(),
+        "state_dict": {name: value.detach().cpu() for name, value in gm.state_dict().items()},
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 

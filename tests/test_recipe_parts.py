@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from rmn_fx.recipes import DeadProcedureMonitor, WarmupCosine, load_data, set_phase
 from rmn_fx.recipes.batches import EpochBatches
 from rmn_fx.recipes.data import CONTEXTS, render_digits
+from rmn_fx.recipes import distributed
 from rmn_fx.recipes.distributed import Group
 from rmn_fx.recipes.trainer import stop_at_once
 
@@ -100,6 +101,23 @@ def test_epoch_batches_split_each_global_batch_over_ranks_and_resume_anywhere():
     assert [sum((r[i] for r in ranks), []) for i in range(6)] == single
     assert list(EpochBatches(100, 16, 3, 2, Group(), start=4)) == single[4:]
     assert single != list(EpochBatches(100, 16, 3, 3, Group()))
+
+
+def test_a_torchrun_launch_of_one_process_joins_a_group_of_one(monkeypatch):
+    """So DDP and the collectives run as on many GPUs, checkable on a machine with one
+    (NCCL there: tests/test_cuda.py); a plain process joins nothing."""
+    assert not distributed.start(torch.device("cpu")).distributed
+    torchrun = {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    group = distributed.start(torch.device("cpu"))
+    try:
+        assert group.distributed and (group.rank, group.world) == (0, 1)
+        assert group.all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]
+        assert isinstance(distributed.prepare(torch.nn.Linear(2, 2), group), torch.nn.parallel.DistributedDataParallel)
+    finally:
+        distributed.stop(group)
+    assert not torch.distributed.is_initialized()
 
 
 def test_embedded_digits_split_by_digit_in_every_context():
