@@ -3,6 +3,7 @@ accounting of the method."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -27,6 +28,20 @@ CONSOLE_ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}  
 def console(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`rmn-fx ARGS...` in a fresh process."""
     return subprocess.run([str(CONSOLE_SCRIPT), *args], capture_output=True, text=True, env=CONSOLE_ENV, timeout=timeout)
+
+
+def trained_run(folder: Path, *args: str) -> Path:
+    """`rmn-fx train ARGS... -o FOLDER/run`, which must succeed; the run directory."""
+    run = folder / "run"
+    done = console("train", *args, "-o", str(run))
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def metrics(run: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (none before its first epoch ends)."""
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> str:

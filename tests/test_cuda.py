@@ -7,7 +7,6 @@ NCCL and SyncBatchNorm. Skipped without a GPU; `.ci/gpu` runs them where one is 
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +18,12 @@ from helpers import (
     ROUTING_IDS,
     ROUTINGS,
     SIZE,
-    console,
+    metrics,
     routed_stages,
     routings,
     spread_routes,
     tiny_converted,
+    trained_run,
 )
 
 import rmn_fx
@@ -180,17 +180,10 @@ def test_exported_program_runs_on_cuda_like_eager(rule, options):
             assert relative_error(gm(x), program(x)) <= 1e-5
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def cuda_run(tmp_path_factory) -> Path:
     """`rmn-fx train` on CUDA, mixed precision by default there (float16 and a GradScaler)."""
-    run = tmp_path_factory.mktemp("cuda") / "single"
-    done = console(*TRAIN, "-o", str(run))
-    assert done.returncode == 0, done.stderr
-    return run
+    return trained_run(tmp_path_factory.mktemp("cuda"), *TRAIN[1:])
 
 
 def test_training_on_cuda_in_mixed_precision_learns_and_saves_float32(cuda_run):

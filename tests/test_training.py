@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONSOLE_ENV, CONSOLE_SCRIPT, assert_one_line_error, console
+from helpers import CONSOLE_ENV, CONSOLE_SCRIPT, assert_one_line_error, console, metrics, trained_run
 
 import rmn_fx
 
@@ -21,11 +21,6 @@ TRAIN = ["train", TINY, "-b", "3", "--epochs", "3", "--stem-epochs", "1", "--bat
 
 
 cli = console
-
-
-def metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def state(run: Path) -> dict:
@@ -50,10 +45,7 @@ def assert_resume_is_exact(run: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """One uninterrupted run: the reference for the resume tests."""
-    run = tmp_path_factory.mktemp("runs") / "reference"
-    done = cli(*TRAIN, "-o", str(run))
-    assert done.returncode == 0, done.stderr
-    return run
+    return trained_run(tmp_path_factory.mktemp("reference"), *TRAIN[1:])
 
 
 def test_run_directory_holds_config_metrics_checkpoint_and_a_loadable_model(finished_run):
@@ -217,10 +209,7 @@ RULE_RUNS = {"gate": ["--routing", "gate", "--top-k", "2"], "cross-prediction": 
 @pytest.fixture(scope="module", params=list(RULE_RUNS))
 def rule_run(request, tmp_path_factory) -> tuple[str, Path]:
     """A finished run of each rule that is not memory routing (stem epoch, then routed)."""
-    run = tmp_path_factory.mktemp("rules") / request.param
-    done = cli(*TRAIN, *RULE_RUNS[request.param], "--epochs", "2", "-o", str(run))
-    assert done.returncode == 0, done.stderr
-    return request.param, run
+    return request.param, trained_run(tmp_path_factory.mktemp(request.param), *TRAIN[1:], *RULE_RUNS[request.param], "--epochs", "2")
 
 
 @pytest.mark.slow
