@@ -25,6 +25,7 @@ from rmn_fx.errors import RMNError
 from rmn_fx.nn.modes import hooks, training_mode
 from rmn_fx.nn.routed_stage import routed_stages
 
+from .distributed import model_device
 from .monitor import DeadProcedureMonitor
 from .progress import progress
 from .schedule import set_lr
@@ -235,7 +236,7 @@ def evaluate(
     tensor of context indices per batch (the embedded data's hidden contexts); `desc` names
     the progress display."""
     stages = [s for s in routed_stages(model) if s.phase == "routed"]
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     by_class = [torch.zeros(s.branches, num_classes, dtype=torch.long, device=device) for s in stages]
     by_context = [torch.zeros(s.branches, max(context_count, 1), dtype=torch.long, device=device) for s in stages]
     routing = [False] * len(stages)  # whether the stage reported routes

@@ -30,6 +30,12 @@ def console(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(CONSOLE_SCRIPT), *args], capture_output=True, text=True, env=CONSOLE_ENV, timeout=timeout)
 
 
+def torchrun(processes: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=PROCESSES -m rmn_fx ARGS...` in a fresh process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "rmn_fx"]
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=CONSOLE_ENV, timeout=timeout)
+
+
 def trained_run(folder: Path, *args: str) -> Path:
     """`rmn-fx train ARGS... -o FOLDER/run`, which must succeed; the run directory."""
     run = folder / "run"

@@ -7,14 +7,11 @@ NCCL and SyncBatchNorm. Skipped without a GPU; `.ci/gpu` runs them where one is 
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
-    CONSOLE_ENV,
     ROUTING_IDS,
     ROUTINGS,
     SIZE,
@@ -23,6 +20,7 @@ from helpers import (
     routings,
     spread_routes,
     tiny_converted,
+    torchrun,
     trained_run,
 )
 
@@ -76,24 +74,24 @@ def routes_and_output(gm, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Te
     return routes, out.float().cpu()
 
 
-@routings
-def test_eval_on_cuda_takes_the_cpu_routes_and_matches_its_output(rule, options):
-    gm = tiny_converted(rule, options)
-    x = spreading_batch(2)
+def assert_cuda_takes_the_cpu_routes(gm, x: torch.Tensor) -> None:
+    """A copy of `gm` on the GPU takes the CPU's routes on `x` and gives its output within 1e-5."""
     routes, want = routes_and_output(gm, x)
     gpu_routes, got = routes_and_output(copy.deepcopy(gm).to(CUDA), x.to(CUDA))
     assert all(torch.equal(a, b) for a, b in zip(routes, gpu_routes))
     assert relative_error(want, got) <= 1e-5
+
+
+@routings
+def test_eval_on_cuda_takes_the_cpu_routes_and_matches_its_output(rule, options):
+    assert_cuda_takes_the_cpu_routes(tiny_converted(rule, options), spreading_batch(2))
 
 
 def test_resnet18_on_cuda_takes_the_cpu_routes_and_matches_its_output():
     gm = rmn_fx.transform("resnet18", branches=4, input_size=(3, 64, 64))
     x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     spread_routes(gm, x)
-    routes, want = routes_and_output(gm, x)
-    gpu_routes, got = routes_and_output(copy.deepcopy(gm).to(CUDA), x.to(CUDA))
-    assert all(torch.equal(a, b) for a, b in zip(routes, gpu_routes))
-    assert relative_error(want, got) <= 1e-5
+    assert_cuda_takes_the_cpu_routes(gm, x)
 
 
 TRAINING_ROUTINGS = [(r, o) for r, o in ROUTINGS if o.get("top_k", 1) == 1]  # one route to compare per sample
@@ -199,8 +197,7 @@ def test_training_on_cuda_in_mixed_precision_learns_and_saves_float32(cuda_run):
 def test_torchrun_with_nccl_and_sync_batch_norm_trains_like_one_process(cuda_run, tmp_path):
     """One process under torchrun joins an NCCL group of one: DDP, SyncBatchNorm and the
     memories' all-reduce run as on many GPUs, and the losses stay those of the plain run."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "rmn_fx"]
-    done = subprocess.run([*launcher, *TRAIN, "--sync-bn", "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=CONSOLE_ENV, timeout=600)
+    done = torchrun(1, *TRAIN, "--sync-bn", "-o", str(tmp_path / "ddp"))
     assert done.returncode == 0, done.stderr[-3000:]
     one, ddp = metrics(cuda_run), metrics(tmp_path / "ddp")
     assert ddp[-1]["memory_spread_across_ranks"] == 0.0  # reported by the distributed path only

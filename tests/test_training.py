@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONSOLE_ENV, CONSOLE_SCRIPT, assert_one_line_error, console, metrics, trained_run
+from helpers import CONSOLE_ENV, CONSOLE_SCRIPT, assert_one_line_error, console, metrics, torchrun, trained_run
 
 import rmn_fx
 
@@ -183,8 +182,7 @@ def test_data_parallel_on_two_processes_matches_one_process(tmp_path, rule):
     args = ["tiny_models:tiny_gn", "-b", "2", *DATA_PARALLEL_RULES[rule], "--epochs", "2", "--stem-epochs", "1", "--batch-size", "64", "--lr", "0.05"]
     single = cli("train", *args, "-o", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rmn_fx"]
-    ddp = subprocess.run([*launcher, "train", *args, "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=CONSOLE_ENV, timeout=600)
+    ddp = torchrun(2, "train", *args, "-o", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     assert len(two) == 2
