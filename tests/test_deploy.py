@@ -5,6 +5,7 @@ example's), torch.jit.trace, and torch.compile in eval and training."""
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import numpy as np
@@ -34,6 +35,7 @@ from rmn_fx.deploy import FORMATS, check_parity, example_input
 from rmn_fx.deploy.subbatch_ops import ExportableOps, gathered_roll
 from rmn_fx.errors import ExportError
 from rmn_fx.measure import relative_error
+from rmn_fx.nn.modes import hooks
 from rmn_fx.nn.routing import in_batch_order
 
 EXPORT_SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -312,6 +314,34 @@ def test_a_new_mix_of_routes_compiles_nothing():
             x = batch(counts)
             assert relative_error(gm(x), compiled(x)) <= 1e-4
     assert counter.frame_count == compiled_after_warm_up
+
+
+@pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
+def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule, options):
+    """A routed part's own code runs eagerly (a graph break where the model calls it), its
+    procedures compile, each alone: no compiled graph holds a node of the runtime's code,
+    so no code object is compiled once per part, and a model with more parts (six, block
+    granularity) than torch's recompile limit (set to 1 here, hitting it fails) compiles."""
+    torch.manual_seed(0)
+    gm = rmn_fx.transform(tiny_cnn(), branches=4, routing=rule, input_size=SIZE, granularity="block", **options).eval()
+    randomize_rule_weights(gm)
+    x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(10))
+    spread_routes(gm, x)
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), torch.no_grad():
+        assert relative_error(gm(x), torch.compile(gm, backend=record)(x)) <= 1e-4
+    runtime = os.path.dirname(rmn_fx.nn.__file__)
+    assert not [n for g in graphs for n in g.graph.nodes if runtime in (n.meta.get("stack_trace") or "")]
+    ran = set()
+    procedures = [p for stage in routed_stages(gm) for p in stage.procedures]
+    with hooks(p.register_forward_pre_hook(lambda p, args: ran.add(p)) for p in procedures), torch.no_grad():
+        gm(x)
+    assert len(graphs) > len(ran) >= len(procedures) // 2  # a graph per procedure that ran, and the model's own
 
 
 @pytest.mark.parametrize("rule, options", [ROUTINGS[0], ROUTINGS[2], ROUTINGS[4]], ids=[ROUTING_IDS[0], ROUTING_IDS[2], ROUTING_IDS[4]])

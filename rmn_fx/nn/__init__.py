@@ -4,7 +4,10 @@ Imports nothing from the rest of rmn-fx but its errors."""
 from .attention import ConditionalAttention
 from .routed_stage import PartSpec, RoutedStage, routed_stages
 from .routing import MemoryRouter, dispatch
+from .compile_boundary import eager_frames
 from .rules import RoutingConfig, create_stage, register_rule, rule_names
+
+eager_frames(__name__)  # torch.compile: the runtime's code runs eagerly, the procedures compile
 
 __all__ = [
     "ConditionalAttention",

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .compile_boundary import graph_break_at
 from .layout import layout_named
 
 PHASES = ("stem", "routed")
@@ -193,6 +194,7 @@ class RoutedStage(nn.Module):
         """A sample's summary for routing: the global average of the part's input, [B, C]."""
         return layout_named(self.in_layout).pool(x)
 
+    @graph_break_at  # torch.compile: this part's code runs eagerly, its procedures compile (compile_boundary)
     def forward(self, x, *side_inputs):
         if not (self.spec.side_inputs or self.spec.side_outputs):
             return self.stem_forward(x) if self._phase == "stem" else self.routed_forward(x)

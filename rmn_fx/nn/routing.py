@@ -80,9 +80,6 @@ def run_procedure(procedure: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return procedure(x)
 
 
-_run_procedure_eagerly = torch.compiler.disable(run_procedure, recursive=False)  # see `sorted_dispatch`
-
-
 def dispatch(
     x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList, every_procedure: bool = False
 ) -> torch.Tensor:
@@ -96,7 +93,6 @@ def dispatch(
     return sorted_dispatch(x, route, procedures, every_procedure)
 
 
-@torch.compiler.disable(recursive=False)
 def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList, every_procedure: bool = False) -> torch.Tensor:
     """Samples sorted by route, split into one contiguous sub-batch per procedure, run, and
     each output written straight to its samples' rows. Procedures that receive no sample
@@ -104,19 +100,19 @@ def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleL
     included: what collective layers such as SyncBatchNorm need). One host sync (the
     sub-batch sizes).
 
-    Under torch.compile this frame (and `run_procedure`'s) runs eagerly, a graph break,
-    while the procedures it calls are compiled, each on its own (a deep-copied GraphModule
-    has its own code) with a dynamic batch axis: a procedure compiles once per sub-batch
-    size class torch specialises (1; 2-15; 16 and up), and after those a new mix of routes
-    compiles nothing.
+    Under torch.compile this frame runs eagerly, like all of a stage's own code
+    (`compile_boundary`), while the procedures it calls are compiled, each on its own (a
+    deep-copied GraphModule has its own code) with a dynamic batch axis: a procedure
+    compiles once per sub-batch size class torch specialises (1; 2-15; 16 and up), and
+    after those a new mix of routes compiles nothing.
     """
     if x.shape[0] == 1 and not every_procedure:  # a single sample (deployment): no sorting, one sync
-        return _run_procedure_eagerly(procedures[int(route[0])], x)
+        return run_procedure(procedures[int(route[0])], x)
     sizes = torch.bincount(route, minlength=len(procedures)).tolist()
     busiest = max(range(len(sizes)), key=sizes.__getitem__)
     if sizes[busiest] == x.shape[0] and not every_procedure:  # one procedure takes the whole batch
         torch._dynamo.maybe_mark_dynamic(x, 0)  # as below
-        return _run_procedure_eagerly(procedures[busiest], x)
+        return run_procedure(procedures[busiest], x)
     order = torch.argsort(route, stable=True)
     out = None
     for procedure, chunk, rows in zip(procedures, x.index_select(0, order).split(sizes), order.split(sizes)):
@@ -124,7 +120,7 @@ def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleL
         if every_procedure:  # collectives inside: every rank runs every procedure, in training mode
             y = procedure(chunk)
         elif rows.numel():
-            y = _run_procedure_eagerly(procedure, chunk)
+            y = run_procedure(procedure, chunk)
         else:
             continue
         if out is None:
