@@ -36,6 +36,7 @@ from rmn_fx.deploy.subbatch_ops import ExportableOps, gathered_roll
 from rmn_fx.errors import ExportError
 from rmn_fx.measure import relative_error
 from rmn_fx.nn.modes import hooks
+from rmn_fx.nn.rules import rule_class
 from rmn_fx.nn.routing import in_batch_order
 
 EXPORT_SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -316,17 +317,27 @@ def test_a_new_mix_of_routes_compiles_nothing():
     assert counter.frame_count == compiled_after_warm_up
 
 
-@pytest.mark.parametrize("rule, options", ROUTINGS, ids=ROUTING_IDS)
-def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule, options):
-    """A routed part's own code runs eagerly (a graph break where the model calls it), its
-    procedures compile, each alone: no compiled graph holds a node of the runtime's code,
-    so no code object is compiled once per part, and a model with more parts (six, block
-    granularity) than torch's recompile limit (set to 1 here, hitting it fails) compiles."""
+DISPATCHING = [(rule, options) for rule, options in ROUTINGS if not rule_class(rule).multipath]
+MULTIPATH = [(rule, options) for rule, options in ROUTINGS if rule_class(rule).multipath]
+
+
+def block_converted(rule: str, options: dict, x: torch.Tensor):
+    """tiny_cnn at block granularity (six routed parts), routes spread over `x`."""
     torch.manual_seed(0)
     gm = rmn_fx.transform(tiny_cnn(), branches=4, routing=rule, input_size=SIZE, granularity="block", **options).eval()
     randomize_rule_weights(gm)
-    x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(10))
     spread_routes(gm, x)
+    return gm
+
+
+@pytest.mark.parametrize("rule, options", DISPATCHING, ids=[f"{r}-{o}" for r, o in DISPATCHING])
+def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule, options):
+    """A dispatching part's own code runs eagerly (a graph break where the model calls it),
+    its procedures compile, each alone: no compiled graph holds a node of the runtime's
+    code, so no code object is compiled once per part, and a model with more parts (six)
+    than torch's recompile limit (set to 1 here, hitting it fails) compiles."""
+    x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(10))
+    gm = block_converted(rule, options, x)
     graphs = []
 
     def record(graph_module, example_inputs):
@@ -342,6 +353,18 @@ def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule
     with hooks(p.register_forward_pre_hook(lambda p, args: ran.add(p)) for p in procedures), torch.no_grad():
         gm(x)
     assert len(graphs) > len(ran) >= len(procedures) // 2  # a graph per procedure that ran, and the model's own
+
+
+@pytest.mark.parametrize("rule, options", MULTIPATH, ids=[f"{r}-{o}" for r, o in MULTIPATH])
+def test_a_multi_path_model_compiles_into_one_graph(rule, options):
+    """Every procedure of a multi-path part runs on the whole batch: nothing depends on the
+    data's routes, so the whole model is one graph (`fullgraph=True` refuses any break)."""
+    x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(10))
+    gm = block_converted(rule, options, x)
+    counter = compile_counter()
+    with torch.no_grad():
+        assert relative_error(gm(x), torch.compile(gm, backend=counter, fullgraph=True)(x)) <= 1e-4
+    assert counter.frame_count == 1
 
 
 @pytest.mark.parametrize("rule, options", [ROUTINGS[0], ROUTINGS[2], ROUTINGS[4]], ids=[ROUTING_IDS[0], ROUTING_IDS[2], ROUTING_IDS[4]])

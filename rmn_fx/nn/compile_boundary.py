@@ -7,11 +7,13 @@ be compiled as frames of its own: a guard check and a resume per frame (about 30
 forward for EfficientNet-B0 at N = 8, the routed model 1.5-1.7x the compiled base at batch 1),
 and since one code object serves every routed part, past torch's recompile limit (8
 versions) the later parts were no longer compiled. So:
-- a compiled caller breaks its graph where it calls a routed stage (`graph_break_at`: the
-  effect of `torch.compiler.disable`, without its wrapper, so torch.export still traces
-  through the stage: it runs no dynamo frames);
-- every frame of the runtime package's code runs eagerly (`eager_frames`), while the frames
-  it calls, the procedures (fx GraphModules, code of their own per clone), compile each on
+- a compiled caller breaks its graph where it calls a stage that dispatches (`graph_break_at`
+  on the memory and gate rules' `forward`: the effect of `torch.compiler.disable`, without
+  its wrapper, so torch.export still traces through the stage: it runs no dynamo frames);
+  a multi-path stage runs every procedure on the whole batch and compiles into the
+  caller's graph;
+- every frame of the runtime package's code that runs as a frame of its own (past a graph
+  break) runs eagerly (`eager_frames`), while the frames it calls, the procedures (fx GraphModules, code of their own per clone), compile each on
   its own with the caller's backend.
 Eager runs, torch.export and torch.jit.trace do not see either mark.
 
@@ -21,6 +23,7 @@ non-recursive `torch.compiler.disable` does); torch has no public name for them 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -33,9 +36,12 @@ from torch._dynamo.eval_frame import skip_code as _skip_frame
 
 
 def graph_break_at(function: Callable) -> Callable:
-    """Mark `function` (a stage's `forward`) so that a compiled caller breaks its graph at
-    the call and runs it eagerly; returns the function itself."""
-    return _skip_frame_and_break_graph(function)
+    """A copy of `function` (`RoutedStage.forward`, which the multi-path rules keep unmarked:
+    every procedure runs on the whole batch, so they compile into the caller's graph) at
+    which a compiled caller breaks its graph and runs it eagerly."""
+    marked = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    marked.__kwdefaults__ = function.__kwdefaults__
+    return _skip_frame_and_break_graph(functools.update_wrapper(marked, function))
 
 
 def eager_frames(package: str) -> None:

@@ -11,6 +11,10 @@ Phases (`set_phase`): in "stem" (the first step of every recipe) each sample run
 procedure 0 alone, as in the base network; in "routed" (the default) the rule decides.
 The phase is not in the state dict: the training checkpoint records it.
 
+Under torch.compile (`compile_boundary`), a rule whose dispatch sends samples to some of
+the procedures marks its `forward` with `graph_break_at`: the compiled model runs the
+part's code eagerly there and compiles each procedure alone.
+
 Side values: a part may read values computed before it beside its input (grid sizes,
 position tables, masks) and hand on non-tensor values beside its output (MViT's pooled
 (T, H, W)); the stage rule admits only values that do not change with the batch. The
@@ -32,7 +36,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .compile_boundary import graph_break_at
 from .layout import layout_named
 
 PHASES = ("stem", "routed")
@@ -194,7 +197,6 @@ class RoutedStage(nn.Module):
         """A sample's summary for routing: the global average of the part's input, [B, C]."""
         return layout_named(self.in_layout).pool(x)
 
-    @graph_break_at  # torch.compile: this part's code runs eagerly, its procedures compile (compile_boundary)
     def forward(self, x, *side_inputs):
         if not (self.spec.side_inputs or self.spec.side_outputs):
             return self.stem_forward(x) if self._phase == "stem" else self.routed_forward(x)

@@ -30,6 +30,7 @@ from torch import nn
 from rmn_fx.errors import OptionError
 
 from ..modes import training_mode
+from ..compile_boundary import graph_break_at
 from ..routed_stage import PartSpec, RoutedStage, weigh
 from ..routing import dispatch, run_procedure
 from .registry import register_rule
@@ -38,6 +39,7 @@ from .registry import register_rule
 @register_rule("gate")
 class GatedStage(RoutedStage):
     options: ClassVar[dict[str, object]] = {"top_k": 1}
+    forward = graph_break_at(RoutedStage.forward)  # torch.compile: the dispatch's sub-batch sizes depend on the data
 
     def __init__(self, procedure, spec: PartSpec, config) -> None:
         super().__init__(procedure, spec, config)

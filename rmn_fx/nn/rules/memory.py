@@ -18,6 +18,7 @@ import torch
 from rmn_fx.errors import OptionError
 
 from ..attention import ConditionalAttention
+from ..compile_boundary import graph_break_at
 from ..routed_stage import PartSpec, RoutedStage
 from ..routing import MemoryRouter, dispatch
 from .registry import register_rule
@@ -26,6 +27,7 @@ from .registry import register_rule
 @register_rule("memory")
 class MemoryRoutedStage(RoutedStage):
     options: ClassVar[dict[str, object]] = {"attention": True, "momentum": 0.9}
+    forward = graph_break_at(RoutedStage.forward)  # torch.compile: the dispatch's sub-batch sizes depend on the data
 
     def __init__(self, procedure, spec: PartSpec, config) -> None:
         super().__init__(procedure, spec, config)
