@@ -13,8 +13,9 @@ versions) the later parts were no longer compiled. So:
   a multi-path stage runs every procedure on the whole batch and compiles into the
   caller's graph;
 - every frame of the runtime package's code that runs as a frame of its own (past a graph
-  break) runs eagerly (`eager_frames`), while the frames it calls, the procedures (fx GraphModules, code of their own per clone), compile each on
-  its own with the caller's backend.
+  break) runs eagerly (`eager_frames`), while the frames it calls, the procedures (fx
+  GraphModules, code of their own per clone), compile each on its own with the caller's
+  backend.
 Eager runs, torch.export and torch.jit.trace do not see either mark.
 
 Both marks are torch's own (`torch._dynamo.decorators.skip`, `eval_frame.skip_code`: what a
