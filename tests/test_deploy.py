@@ -358,11 +358,13 @@ def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule
 @pytest.mark.parametrize("rule, options", MULTIPATH, ids=[f"{r}-{o}" for r, o in MULTIPATH])
 def test_a_multi_path_model_compiles_into_one_graph(rule, options):
     """Every procedure of a multi-path part runs on the whole batch: nothing depends on the
-    data's routes, so the whole model is one graph (`fullgraph=True` refuses any break)."""
+    data's routes, so the whole model is one graph (`fullgraph=True` refuses any break),
+    compiled without a warning (dynamo warns about a `functools.cache` it traces through)."""
     x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(10))
     gm = block_converted(rule, options, x)
     counter = compile_counter()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert relative_error(gm(x), torch.compile(gm, backend=counter, fullgraph=True)(x)) <= 1e-4
     assert counter.frame_count == 1
 

@@ -10,7 +10,6 @@ frame) of that layout.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -124,12 +123,21 @@ class PackedLayout:
 CARRIED = "carried"  # the name of a packed segment that is only carried (no layout)
 
 
-@functools.cache
+_PARSED: dict[str, PackedLayout] = {}  # by name: `layout_named` parses each once
+
+
 def layout_named(name: str) -> FeatureLayout | PackedLayout:
     """The layout a name (`FeatureLayout.name`, `PackedLayout.name`) stands for (parsed
-    once per name: keys and attention look it up on every forward)."""
+    once per name: keys and attention look it up on every forward; a dict, not
+    `functools.cache`, which torch.compile warns that it traces through)."""
     if name in LAYOUTS:
         return LAYOUTS[name]
+    if name not in _PARSED:
+        _PARSED[name] = _parse_packed(name)
+    return _PARSED[name]
+
+
+def _parse_packed(name: str) -> PackedLayout:
     inner = name.removeprefix("packed(").removesuffix(")")
     if inner == name:
         raise ValueError(f"unknown feature layout {name!r}; known: {', '.join(LAYOUTS)} and packed(...)")
