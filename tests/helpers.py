@@ -157,9 +157,10 @@ def randomize_rule_weights(gm) -> None:
 SIZE = (3, 32, 32)  # tiny_cnn's input
 
 
-def tiny_converted(rule: str, options: dict, branches: int = 4):
-    """tiny_cnn (BatchNorm everywhere) converted with `rule`, its routes spread over every
-    procedure, BatchNorm statistics and rule weights away from their initial values."""
+def tiny_converted(rule: str, options: dict, branches: int = 4, granularity: str = "stage"):
+    """tiny_cnn (BatchNorm everywhere) converted with `rule` (three routed parts; six at
+    block granularity), its routes spread over every procedure, BatchNorm statistics and
+    rule weights away from their initial values."""
     torch.manual_seed(0)
     base = tiny_cnn()
     with torch.no_grad():
@@ -167,7 +168,7 @@ def tiny_converted(rule: str, options: dict, branches: int = 4):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=SIZE, **options).eval()
+    gm = rmn_fx.transform(base, branches=branches, routing=rule, input_size=SIZE, granularity=granularity, **options).eval()
     randomize_rule_weights(gm)
     spread_routes(gm, torch.randn(2 * branches, *SIZE, generator=torch.Generator().manual_seed(3)))
     return gm

@@ -321,23 +321,14 @@ DISPATCHING = [(rule, options) for rule, options in ROUTINGS if not rule_class(r
 MULTIPATH = [(rule, options) for rule, options in ROUTINGS if rule_class(rule).multipath]
 
 
-def block_converted(rule: str, options: dict, x: torch.Tensor):
-    """tiny_cnn at block granularity (six routed parts), routes spread over `x`."""
-    torch.manual_seed(0)
-    gm = rmn_fx.transform(tiny_cnn(), branches=4, routing=rule, input_size=SIZE, granularity="block", **options).eval()
-    randomize_rule_weights(gm)
-    spread_routes(gm, x)
-    return gm
-
-
 @pytest.mark.parametrize("rule, options", DISPATCHING, ids=[f"{r}-{o}" for r, o in DISPATCHING])
 def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule, options):
     """A dispatching part's own code runs eagerly (a graph break where the model calls it),
     its procedures compile, each alone: no compiled graph holds a node of the runtime's
     code, so no code object is compiled once per part, and a model with more parts (six)
     than torch's recompile limit (set to 1 here, hitting it fails) compiles."""
+    gm = tiny_converted(rule, options, granularity="block")
     x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(10))
-    gm = block_converted(rule, options, x)
     graphs = []
 
     def record(graph_module, example_inputs):
@@ -360,8 +351,8 @@ def test_a_multi_path_model_compiles_into_one_graph(rule, options):
     """Every procedure of a multi-path part runs on the whole batch: nothing depends on the
     data's routes, so the whole model is one graph (`fullgraph=True` refuses any break),
     compiled without a warning (dynamo warns about a `functools.cache` it traces through)."""
+    gm = tiny_converted(rule, options, granularity="block")
     x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(10))
-    gm = block_converted(rule, options, x)
     counter = compile_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
