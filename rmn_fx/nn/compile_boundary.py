@@ -49,9 +49,9 @@ def eager_frames(package: str) -> None:
     """Run every frame of `package`'s own code (functions, methods, the comprehensions and
     closures inside them) eagerly under torch.compile; frames they call still compile."""
     root = os.path.dirname(importlib.import_module(package).__file__)
-    for info in pkgutil.walk_packages([root], package + "."):
-        for code in _code_objects(vars(importlib.import_module(info.name)).values(), package, root):
-            _skip_frame(code)
+    modules = [importlib.import_module(info.name) for info in pkgutil.walk_packages([root], package + ".")]
+    for code in _code_objects([value for module in modules for value in vars(module).values()], package, root):
+        _skip_frame(code)
 
 
 def _code_objects(objects, package: str, root: str) -> Iterator[types.CodeType]:

@@ -29,8 +29,8 @@ from torch import nn
 
 from rmn_fx.errors import OptionError
 
-from ..modes import training_mode
 from ..compile_boundary import graph_break_at
+from ..modes import training_mode
 from ..routed_stage import PartSpec, RoutedStage, weigh
 from ..routing import dispatch, run_procedure
 from .registry import register_rule
