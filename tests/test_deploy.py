@@ -317,11 +317,11 @@ def test_a_new_mix_of_routes_compiles_nothing():
     assert counter.frame_count == compiled_after_warm_up
 
 
-DISPATCHING = [(rule, options) for rule, options in ROUTINGS if not rule_class(rule).multipath]
-MULTIPATH = [(rule, options) for rule, options in ROUTINGS if rule_class(rule).multipath]
+DISPATCHING = [pytest.param(*routing, id=name) for routing, name in zip(ROUTINGS, ROUTING_IDS) if not rule_class(routing[0]).multipath]
+MULTIPATH = [pytest.param(*routing, id=name) for routing, name in zip(ROUTINGS, ROUTING_IDS) if rule_class(routing[0]).multipath]
 
 
-@pytest.mark.parametrize("rule, options", DISPATCHING, ids=[f"{r}-{o}" for r, o in DISPATCHING])
+@pytest.mark.parametrize("rule, options", DISPATCHING)
 def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule, options):
     """A dispatching part's own code runs eagerly (a graph break where the model calls it),
     its procedures compile, each alone: no compiled graph holds a node of the runtime's
@@ -346,7 +346,7 @@ def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule
     assert len(graphs) > len(ran) >= len(procedures) // 2  # a graph per procedure that ran, and the model's own
 
 
-@pytest.mark.parametrize("rule, options", MULTIPATH, ids=[f"{r}-{o}" for r, o in MULTIPATH])
+@pytest.mark.parametrize("rule, options", MULTIPATH)
 def test_a_multi_path_model_compiles_into_one_graph(rule, options):
     """Every procedure of a multi-path part runs on the whole batch: nothing depends on the
     data's routes, so the whole model is one graph (`fullgraph=True` refuses any break),
