@@ -323,8 +323,9 @@ MULTIPATH = [pytest.param(*routing, id=name) for routing, name in zip(ROUTINGS, 
 
 @pytest.mark.parametrize("rule, options", DISPATCHING)
 def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule, options):
-    """A dispatching part's own code runs eagerly (a graph break where the model calls it),
-    its procedures compile, each alone: no compiled graph holds a node of the runtime's
+    """A dispatching part's routing code (key, route, dispatch) runs eagerly (a graph break
+    where the model calls it), its procedures compile, each alone, the memory rule's
+    attention with each procedure: no compiled graph holds another node of the runtime's
     code, so no code object is compiled once per part, and a model with more parts (six)
     than torch's recompile limit (set to 1 here, hitting it fails) compiles."""
     gm = tiny_converted(rule, options, granularity="block")
@@ -337,13 +338,20 @@ def test_torch_compile_compiles_the_procedures_and_none_of_the_routing_code(rule
 
     with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), torch.no_grad():
         assert relative_error(gm(x), torch.compile(gm, backend=record)(x)) <= 1e-4
-    runtime = os.path.dirname(rmn_fx.nn.__file__)
-    assert not [n for g in graphs for n in g.graph.nodes if runtime in (n.meta.get("stack_trace") or "")]
+    runtime, attention = os.path.dirname(rmn_fx.nn.__file__), rmn_fx.nn.attention.__file__
+    traced_from = [(g, n.meta.get("stack_trace") or "") for g in graphs for n in g.graph.nodes]
+    assert all(attention in trace for _, trace in traced_from if runtime in trace)
     ran = set()
-    procedures = [p for stage in routed_stages(gm) for p in stage.procedures]
+    stages = routed_stages(gm)
+    procedures = [p for stage in stages for p in stage.procedures]
     with hooks(p.register_forward_pre_hook(lambda p, args: ran.add(p)) for p in procedures), torch.no_grad():
         gm(x)
     assert len(graphs) > len(ran) >= len(procedures) // 2  # a graph per procedure that ran, and the model's own
+    with_attention = {g for g, trace in traced_from if attention in trace}
+    if options.get("attention"):  # in the graph of every procedure that ran; the others are the model's stretches
+        assert len(with_attention) >= len(ran) and len(graphs) - len(with_attention) <= len(stages) + 1
+    else:
+        assert not with_attention
 
 
 @pytest.mark.parametrize("rule, options", MULTIPATH)

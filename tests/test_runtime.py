@@ -109,11 +109,29 @@ def test_training_step_with_a_one_sample_procedure_does_not_crash(spatial):
     assert stage.procedures[1].training  # back in training mode after its eval-mode step
 
 
-def test_a_lone_training_sample_uses_running_statistics():
+@pytest.mark.parametrize("first_mode", [True, False])
+def test_a_lone_training_sample_uses_running_statistics(first_mode):
+    """Whichever mode the stage first ran in (the procedures followed by the attention are
+    built then), it follows the stage's mode after."""
     stage = memory_stage(1)
     x = torch.randn(1, 4, 3, 3)
     with torch.no_grad():
-        assert torch.equal(stage.train()(x), stage.eval()(x))
+        first = stage.train(first_mode)(x)
+        assert torch.equal(stage.train(not first_mode)(x), first)
+
+
+def test_the_attention_gates_each_sub_batch_as_it_would_gate_the_whole_batch():
+    """The memory rule runs the attention right after each procedure, with that procedure's
+    route code: the same function as the attention over the dispatched batch."""
+    stage = memory_stage(4).eval()
+    nn.init.normal_(stage.attention.excite.weight)
+    x = torch.randn(12, 4, 5, 5)
+    stage.spread_over_procedures(x)
+    route = stage.first_choice(x)
+    assert route.unique().numel() == 4
+    with torch.no_grad():
+        want = stage.attention(dispatch(x, route, stage.procedures), route)
+        assert torch.allclose(stage(x), want, atol=1e-6)
 
 
 def rule_stage(rule: str, branches: int = 3, **spec_fields):
@@ -196,3 +214,15 @@ def test_weighing_identical_paths_returns_them_exactly_and_keeps_the_plain_sums_
     plain_grads = torch.autograd.grad(plain, (logits, paths), upstream)
     for got, want in zip(grads, plain_grads):
         assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_a_procedure_replaced_after_a_forward_is_the_one_that_runs():
+    stage = memory_stage(2).eval()
+    x = torch.randn(4, 4, 5, 5)
+    stage.spread_over_procedures(x)
+    with torch.no_grad():
+        before = stage(x)
+        stage.procedures[1] = block().eval()
+        after = stage(x)
+    route = stage.first_choice(x)
+    assert torch.equal(after[route == 0], before[route == 0]) and not torch.allclose(after[route == 1], before[route == 1])

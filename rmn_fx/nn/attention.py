@@ -9,7 +9,8 @@ shared by all procedures of a stage; the route enters only through the code.
 
 FC2 of a one-hot code is FC2's weight column for the route, so a hard route is looked up,
 not multiplied: FC2 costs hidden x C multiply-adds per sample, and no one-hot tensor (nor
-its host-side range check) is built.
+its host-side range check) is built. A sub-batch whose samples all took one procedure is
+gated by `for_route(j)`, which the memory rule runs right after procedure j (`followed_by`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ class ConditionalAttention(nn.Module):
         """Gate `y` [B, C, ...] after procedure `route[i]` [B] ran on sample i."""
         return self._scaled(y, self._code_rows().index_select(0, route))
 
+    def gate_route(self, y: torch.Tensor, route: int) -> torch.Tensor:
+        """Gate `y` [B, C, ...], all of whose samples ran through procedure `route`."""
+        return self._scaled(y, self._code_rows()[route])
+
+    def for_route(self, route: int) -> RouteAttention:
+        """This attention for the outputs of procedure `route` alone, as a module (it shares
+        this one's parameters)."""
+        return RouteAttention(self, route)
+
     def gate(self, y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Gate `y` given a soft route code [B, N] (the uniform code of the stem phase in eval mode)."""
         return self._scaled(y, code.to(self.excite.weight.dtype) @ self._code_rows())
@@ -63,3 +73,18 @@ class ConditionalAttention(nn.Module):
         logits = F.linear(squeezed, self.excite.weight[:, : self.squeeze.out_features], self.excite.bias)
         scale = 2.0 * torch.sigmoid(logits + code_term.to(logits.dtype))
         return layout.scale(y, scale)
+
+
+class RouteAttention(nn.Module):
+    """`ConditionalAttention.gate_route` for one fixed route: a module of one input that can
+    follow its procedure in a GraphModule (`followed_by`)."""
+
+    def __init__(self, attention: ConditionalAttention, route: int) -> None:
+        super().__init__()
+        self.attention, self.route = attention, route
+
+    def extra_repr(self) -> str:
+        return f"route={self.route}"
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.attention.gate_route(y, self.route)

@@ -1,7 +1,9 @@
 """Memory routing (RMN): nearest-memory hard routing and Conditional Attention.
 
 The key is the global average of the stage input; each sample runs through the one
-procedure its key is routed to; Conditional Attention (if on) gates the result. Right after
+procedure its key is routed to; Conditional Attention (if on) gates the result, on each
+sub-batch right after its procedure (`followed_by`; on the whole batch where torch.export
+or torch.jit.trace records one program for every route). Right after
 construction the memories are zero (every sample takes procedure 0) and the attention is
 the identity. In the stem phase every sample runs through procedure 0, memories stay put,
 and the attention sees a uniformly random route in training (its mean, the uniform code,
@@ -14,13 +16,15 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from rmn_fx.errors import OptionError
 
 from ..attention import ConditionalAttention
 from ..compile_boundary import graph_break_at
+from ..followed import followed_by
 from ..routed_stage import PartSpec, RoutedStage
-from ..routing import MemoryRouter, dispatch
+from ..routing import MemoryRouter, dispatch, records_one_program
 from .registry import register_rule
 
 
@@ -34,6 +38,13 @@ class MemoryRoutedStage(RoutedStage):
         self.router = MemoryRouter(config.branches, spec.in_channels, config.momentum)
         self.attention = ConditionalAttention(spec.out_channels, config.branches, spec.out_layout) if config.attention else None
         self.place_like_procedure(self.router, self.attention)
+        self._attended: list[nn.Module] = []  # procedure j followed by the attention for route j, built on first use
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for attended in self._attended:  # not submodules (their modules are the stage's): their own flag
+            attended.training = mode
+        return self
 
     @classmethod
     def check_options(cls, config) -> None:
@@ -75,10 +86,20 @@ class MemoryRoutedStage(RoutedStage):
 
     def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.router(self.key(x))
-        y = dispatch(x, route, self.procedures, self._every_procedure)
-        if self.attention is not None:
-            y = self.attention(y, route)
-        return y
+        if self.attention is None:
+            return dispatch(x, route, self.procedures, self._every_procedure)
+        if records_one_program():
+            return self.attention(dispatch(x, route, self.procedures), route)
+        return dispatch(x, route, self.attended_procedures(), self._every_procedure)
+
+    def attended_procedures(self) -> list[nn.Module]:
+        """Procedure j, then the attention for route j, for each j (GraphModules sharing the
+        stage's modules, not in its state; built again if a procedure or the attention was
+        replaced)."""
+        current = [(attended.procedure, attended.then.attention) for attended in self._attended]
+        if current != [(procedure, self.attention) for procedure in self.procedures]:
+            self._attended = [followed_by(procedure, self.attention.for_route(j)) for j, procedure in enumerate(self.procedures)]
+        return self._attended
 
     def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.procedures[0](x)
