@@ -83,10 +83,10 @@ def test_onnx_model_matches_eager_with_every_procedure_used_and_some_empty(tmp_p
     assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"
     constants = [numpy_helper.to_array(t) for t in model.graph.initializer]
     rule_tensors = [t for s in routed_stages(gm) for name, t in [*s.named_buffers(), *s.named_parameters()] if name.startswith(("router.memory", "gate.weight"))]
-    for stage in routed_stages(gm):  # FC2 of the attention: its feature columns and its code columns, looked up per route
+    for stage in routed_stages(gm):  # FC2 of the attention: its feature columns, and each route's code column (in its procedure's branch)
         if getattr(stage, "attention", None) is not None:
             hidden = stage.attention.squeeze.out_features
-            rule_tensors += [stage.attention.excite.weight[:, :hidden], stage.attention.excite.weight[:, hidden:]]
+            rule_tensors += [stage.attention.excite.weight[:, :hidden], *stage.attention.excite.weight[:, hidden:].t()]
     for tensor in rule_tensors:  # memories, attention and gates are in the graph (reshaped, maybe), not baked into a route
         values = tensor.detach().numpy()
         assert any(c.size == values.size and (np.allclose(c.ravel(), values.ravel()) or np.allclose(c.ravel(), values.T.ravel())) for c in constants)

@@ -6,7 +6,8 @@ whole batch after the dispatch. Eagerly, the sub-batch is then still in cache (o
 over the stage's output fewer: EfficientNet-B0 at batch 64, N = 8, 13-17% faster). Under
 torch.compile, each pair is one frame whose code is its own (fx generates code per
 GraphModule, as for the procedures themselves, so no recompile limit is shared between
-parts), and procedure and attention compile into one graph.
+parts), and procedure and attention compile into one graph. In an exported program the
+attention sits with its procedure, so ONNX Runtime skips both when no sample chose it.
 """
 
 from __future__ import annotations

@@ -88,14 +88,9 @@ def dispatch(
     Eagerly and under torch.compile: `sorted_dispatch`. Under torch.export and
     torch.jit.trace, which record one program for every route: `traceable_dispatch`.
     """
-    if records_one_program():
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return traceable_dispatch(x, route, procedures)
     return sorted_dispatch(x, route, procedures, every_procedure)
-
-
-def records_one_program() -> bool:
-    """Whether torch.export or torch.jit.trace is recording the forward (one program for every route)."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def sorted_dispatch(x: torch.Tensor, route: torch.Tensor, procedures: nn.ModuleList, every_procedure: bool = False) -> torch.Tensor:

@@ -2,8 +2,7 @@
 
 The key is the global average of the stage input; each sample runs through the one
 procedure its key is routed to; Conditional Attention (if on) gates the result, on each
-sub-batch right after its procedure (`followed_by`; on the whole batch where torch.export
-or torch.jit.trace records one program for every route). Right after
+sub-batch right after its procedure, with that procedure's route code (`followed_by`). Right after
 construction the memories are zero (every sample takes procedure 0) and the attention is
 the identity. In the stem phase every sample runs through procedure 0, memories stay put,
 and the attention sees a uniformly random route in training (its mean, the uniform code,
@@ -24,7 +23,7 @@ from ..attention import ConditionalAttention
 from ..compile_boundary import graph_break_at
 from ..followed import followed_by
 from ..routed_stage import PartSpec, RoutedStage
-from ..routing import MemoryRouter, dispatch, records_one_program
+from ..routing import MemoryRouter, dispatch
 from .registry import register_rule
 
 
@@ -86,11 +85,8 @@ class MemoryRoutedStage(RoutedStage):
 
     def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.router(self.key(x))
-        if self.attention is None:
-            return dispatch(x, route, self.procedures, self._every_procedure)
-        if records_one_program():
-            return self.attention(dispatch(x, route, self.procedures), route)
-        return dispatch(x, route, self.attended_procedures(), self._every_procedure)
+        procedures = self.procedures if self.attention is None else self.attended_procedures()
+        return dispatch(x, route, procedures, self._every_procedure)
 
     def attended_procedures(self) -> list[nn.Module]:
         """Procedure j, then the attention for route j, for each j (GraphModules sharing the
