@@ -429,6 +429,7 @@ def test_a_backbone_that_returns_every_level_routes_every_stage():
     handed to the output travel packed through the later stages, and keep their names."""
     from torchvision.models._utils import IntermediateLayerGetter
 
+    torch.manual_seed(0)
     body = IntermediateLayerGetter(torchvision.models.resnet18(), {f"layer{i}": str(i - 1) for i in range(1, 5)}).eval()
     anatomy, stages = stages_of(body)
     assert stages == [("layer1",), ("layer2",), ("layer3",), ("layer4",)]
@@ -438,4 +439,6 @@ def test_a_backbone_that_returns_every_level_routes_every_stage():
     spread_routes(gm, x)
     with torch.no_grad():
         want, got = body(x), gm(x)
-    assert list(got) == list(want) and all(relative_error(want[k], got[k]) <= 1e-6 for k in want)
+    # within the conversion's own check (1e-5): convolutions on sub-batches of 2 and 1 round
+    # differently from the batch of 3 (up to 1.02e-6 over 25 random models, unseeded before)
+    assert list(got) == list(want) and all(relative_error(want[k], got[k]) <= 1e-5 for k in want)
