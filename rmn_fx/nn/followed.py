@@ -3,7 +3,7 @@
 The memory rule's attention gates each procedure's output with that procedure's fixed
 route code, so it can run on each sub-batch right after its procedure instead of on the
 whole batch after the dispatch. Eagerly, the sub-batch is then still in cache (one pass
-over the stage's output fewer: EfficientNet-B0 at batch 64, N = 8, 13-17% faster). Under
+over the stage's output fewer: EfficientNet-B0 at batch 64, N = 8, 10-17% faster in two A/B runs). Under
 torch.compile, each pair is one frame whose code is its own (fx generates code per
 GraphModule, as for the procedures themselves, so no recompile limit is shared between
 parts), and procedure and attention compile into one graph. In an exported program the
