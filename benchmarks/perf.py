@@ -13,9 +13,11 @@ batch size, the median latency of interleaved runs (same threads, after warm-up)
 The ratio is routed / the faster base layout, so that it shows the method's cost and not a
 quirk of the machine's batching. A deep copy of the base, timed the same way, is the noise
 floor: `copy / base` would be 1.000 on a quiet machine, and a routed ratio within its
-distance of 1 is not a measured cost. Freed memory is kept in the process (`allocator.py`;
-`--allocator default` leaves glibc's malloc as it is), as a server's allocator does:
-otherwise page faults on each forward's large activations dominate the times at batch 64.
+distance of 1 is not a measured cost. Both models run in a process set up as a server's
+would be (`cpu_options.py`, `rmn_fx.cpu_settings`): freed memory is kept (otherwise page
+faults on each forward's large activations dominate the times at batch 64) and oneDNN's
+primitive cache holds 4096 entries (the routed model's procedures meet N times the
+base's input shapes).
 
     python benchmarks/perf.py -o out/perf
     python benchmarks/perf.py --models resnet18 --runtimes eager onnx -o out/perf_r18
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from allocator import keep_freed_memory  # benchmarks/allocator.py, beside this script
+import cpu_options  # benchmarks/cpu_options.py, beside this script
 from results import write_rows
 from tqdm import tqdm
 
@@ -79,7 +81,7 @@ def runners(runtime: str, model, size: tuple[int, ...], copies: int = 1) -> list
     return [torch.compile(m, dynamic=True) for m in models] if runtime == "compile" else models
 
 
-def measure(name: str, branches: int, runtimes: list[str], batches: list[int], repeats: int, device: torch.device, allocator: str) -> list[dict]:
+def measure(name: str, branches: int, runtimes: list[str], batches: list[int], repeats: int, device: torch.device, settings: dict) -> list[dict]:
     base = create_model(name).eval()
     start = time.perf_counter()
     gm = rmn_fx.transform(base, branches=branches)
@@ -103,7 +105,7 @@ def measure(name: str, branches: int, runtimes: list[str], batches: list[int], r
             best = min(t["base"], t["base_split"])
             rows.append(
                 {
-                    "model": name, "branches": branches, "runtime": runtime, "batch": batch, "device": device.type, "threads": torch.get_num_threads(), "allocator": allocator,
+                    "model": name, "branches": branches, "runtime": runtime, "batch": batch, "device": device.type, "threads": torch.get_num_threads(), **settings,
                     "convert_s": round(convert_s, 2), "flops_ratio": round(flops_routed / flops_base, 4),
                     "mean_sub_batch": sub_batch, "base_ms": round(1000 * t["base"], 2), "base_split_ms": round(1000 * t["base_split"], 2),
                     "routed_ms": round(1000 * t["routed"], 2), "ratio_to_best_base": round(t["routed"] / best, 3),
@@ -122,10 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="Timed runs at batch 1 (a quarter of them at larger batches).")
     parser.add_argument("--threads", type=int, help="Intra-op threads (default: torch's).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where eager and compiled models run (ONNX Runtime: the CPU only).")
-    parser.add_argument(
-        "--allocator", default="kept", choices=["kept", "default"],
-        help="kept (default): glibc's malloc keeps freed memory, so large activations are not page-faulted in on every forward; default: leave it as it is.",
-    )
+    cpu_options.add_arguments(parser)
     parser.add_argument("-o", "--output", default="out/perf", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
     if args.device == "cuda" and "onnx" in args.runtimes:
@@ -134,12 +133,12 @@ def main() -> None:
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    allocator = keep_freed_memory() if args.allocator == "kept" else "default"
+    settings = cpu_options.apply(args)
     device = torch.device(args.device)
-    rows = [row for n in tqdm(args.models, desc="models", disable=None) for row in measure(n, args.branches, args.runtimes, args.batches, args.repeats, device, allocator)]
+    rows = [row for n in tqdm(args.models, desc="models", disable=None) for row in measure(n, args.branches, args.runtimes, args.batches, args.repeats, device, settings)]
     write_rows(args.output, rows)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, allocator: {allocator}, N = {args.branches}, memory routing with attention, 224x224")
+    print(f"torch {torch.__version__}, {where}, allocator: {settings['allocator']}, oneDNN primitive cache: {settings['primitive_cache']}, N = {args.branches}, memory routing with attention, 224x224")
     print("| model | runtime | batch | FLOPs ratio | base whole / split into sub-batches of S (ms) | routed (ms) | routed / faster base | noise floor: copy / base |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from allocator import keep_freed_memory  # benchmarks/allocator.py, beside this script
+import cpu_options  # benchmarks/cpu_options.py, beside this script
 from results import write_rows
 from tqdm import tqdm
 
@@ -41,10 +41,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--mixes", type=int, default=5, help="New batches, each timed on its first pass and repeated.")
     parser.add_argument("--size", type=int, default=224, help="Input height and width.")
-    parser.add_argument("--allocator", default="kept", choices=["kept", "default"], help="As in perf.py: kept (default) keeps freed memory in the process.")
+    cpu_options.add_arguments(parser)
     parser.add_argument("-o", "--output", default="out/route-mixes", help="Output prefix for .csv and .json.")
     args = parser.parse_args()
-    allocator = keep_freed_memory() if args.allocator == "kept" else "default"
+    settings = cpu_options.apply(args)
     base = create_model(args.model).eval()
     routed = rmn_fx.transform(base, branches=args.branches, input_size=(3, args.size, args.size)).eval()
     generator = torch.Generator().manual_seed(0)
@@ -58,7 +58,7 @@ def main() -> None:
             routed_first, base_first = seconds(routed, x), seconds(base, x)
             routed_repeated, base_repeated = seconds(routed, x), seconds(base, x)
             rows.append({
-                "model": args.model, "branches": args.branches, "batch": args.batch, "allocator": allocator, "mix": k,
+                "model": args.model, "branches": args.branches, "batch": args.batch, **settings, "mix": k,
                 "procedures_used": procedures_used(routed, x), "routed_first_s": round(routed_first, 4),
                 "routed_repeated_s": round(routed_repeated, 4), "base_first_s": round(base_first, 4), "base_repeated_s": round(base_repeated, 4),
                 "routed_first_over_repeated": round(routed_first / routed_repeated, 3),

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from rmn_fx.cpu_settings import reserve_primitive_cache
 from rmn_fx.errors import RMNError, TrainingFailed, TrainingInterrupted
 
 from .convert import convert, inspect
@@ -36,7 +37,10 @@ for command in (convert, inspect, train, evaluate, report, export):
 
 
 def main(argv=None) -> int:
-    """Console entry point: one-line errors, exit code 2, no traceback."""
+    """Console entry point: one-line errors, exit code 2, no traceback. Routed models on
+    the CPU need a larger oneDNN primitive cache than its default (`rmn_fx.cpu_settings`),
+    reserved before any command builds one."""
+    reserve_primitive_cache()
     try:
         cli.main(args=argv, prog_name="rmn-fx", standalone_mode=False)
     except click.exceptions.Exit as exc:
