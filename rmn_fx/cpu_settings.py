@@ -14,7 +14,9 @@
   EfficientNet-B0 at batch 64 took 1.46 million minor page faults per base forward (2.5 s,
   against 0.8 s with freed memory kept) and 0.55 million per routed forward, and which sizes
   fault depends on the threshold the process's history left, so timings moved by 0.1-0.3
-  between runs. Allocators meant for servers (jemalloc, tcmalloc, ONNX Runtime's arena)
+  between runs. Kept, a routed forward faulted no page and a base forward some (ResNet-50:
+  60-115 thousand): torch asks for aligned blocks, and a freed block is a few bytes short
+  of the same request, so the heap sometimes grows instead. Allocators meant for servers (jemalloc, tcmalloc, ONNX Runtime's arena)
   keep freed memory; `keep_freed_memory` tells glibc to.
 
 Nothing here imports torch: the CLI calls these before torch builds anything.
