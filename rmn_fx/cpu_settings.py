@@ -16,8 +16,9 @@
   fault depends on the threshold the process's history left, so timings moved by 0.1-0.3
   between runs. Kept, a routed forward faulted no page and a base forward some (ResNet-50:
   60-115 thousand): torch asks for aligned blocks, and a freed block is a few bytes short
-  of the same request, so the heap sometimes grows instead. Allocators meant for servers (jemalloc, tcmalloc, ONNX Runtime's arena)
-  keep freed memory; `keep_freed_memory` tells glibc to.
+  of the same request, so the heap sometimes grows instead. Allocators meant for servers
+  (jemalloc, tcmalloc, ONNX Runtime's arena) keep freed memory; `keep_freed_memory` tells
+  glibc to.
 
 Nothing here imports torch: the CLI calls these before torch builds anything.
 """
@@ -42,11 +43,16 @@ def reserve_primitive_cache(capacity: int = ROUTED_PRIMITIVE_CACHE) -> int:
     return int(os.environ[PRIMITIVE_CACHE_VARIABLE])
 
 
+def runs_on_glibc() -> bool:
+    """Whether this process's C library is glibc (the one `keep_freed_memory` can set)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> str:
     """Tell glibc's malloc to serve every block from its heap (no mmap) and to keep what is
     freed; returns the allocator in words ("default" where the C library is not glibc,
     which is left as it is)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not runs_on_glibc():
         return "default"
     libc = ctypes.CDLL("libc.so.6")
     if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from rmn_fx.cli import main
-from rmn_fx.cpu_settings import PRIMITIVE_CACHE_VARIABLE, ROUTED_PRIMITIVE_CACHE, reserve_primitive_cache
+from rmn_fx.cpu_settings import PRIMITIVE_CACHE_VARIABLE, ROUTED_PRIMITIVE_CACHE, reserve_primitive_cache, runs_on_glibc
 
 
 def test_the_primitive_cache_is_reserved_unless_the_environment_sets_it(monkeypatch):
@@ -49,7 +48,7 @@ print(default, faults_of_a_second_block())
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
+@pytest.mark.skipif(not runs_on_glibc(), reason="a setting of glibc's malloc")
 def test_kept_freed_memory_is_not_page_faulted_in_again():
     """glibc unmaps a freed 64 MB block, so the next one faults its 16k pages in anew; once
     freed memory is kept, the next block reuses the freed one's pages."""
