@@ -51,7 +51,7 @@ class ConditionalAttention(nn.Module):
 
     def gate_route(self, y: torch.Tensor, route: int) -> torch.Tensor:
         """Gate `y` [B, C, ...], all of whose samples ran through procedure `route`."""
-        return self._scaled(y, self._code_rows()[route])
+        return self._scaled(y, self.excite.weight[:, self.squeeze.out_features + route])  # one op: `_code_rows()[route]`
 
     def for_route(self, route: int) -> RouteAttention:
         """This attention for the outputs of procedure `route` alone, as a module (it shares
@@ -71,7 +71,9 @@ class ConditionalAttention(nn.Module):
         layout = layout_named(self.layout)
         squeezed = F.relu(self.squeeze(layout.pool(y)))
         logits = F.linear(squeezed, self.excite.weight[:, : self.squeeze.out_features], self.excite.bias)
-        scale = 2.0 * torch.sigmoid(logits + code_term.to(logits.dtype))
+        if code_term.dtype != logits.dtype:  # autocast: the linear ran in half precision
+            code_term = code_term.to(logits.dtype)
+        scale = 2.0 * torch.sigmoid(logits + code_term)
         return layout.scale(y, scale)
 
 

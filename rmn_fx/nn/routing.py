@@ -45,16 +45,24 @@ class MemoryRouter(nn.Module):
 
     def nearest(self, key: torch.Tensor) -> torch.Tensor:
         """The index of each row's nearest memory, [B]; changes nothing."""
-        key = key.detach().to(self.memory.dtype)
-        return (key.unsqueeze(1) - self.memory.unsqueeze(0)).square().sum(-1).argmin(dim=1)
+        return self._nearest(self._as_key(key))
 
     def forward(self, key: torch.Tensor) -> torch.Tensor:
         """Route each row of `key` [B, C]; in training mode also update the memories."""
-        key = key.detach().to(self.memory.dtype)
-        route = self.nearest(key)
+        key = self._as_key(key)
+        route = self._nearest(key)
         if self.training:
             self.update(key, route)
         return route
+
+    def _as_key(self, key: torch.Tensor) -> torch.Tensor:
+        """`key` without gradient, in the memories' dtype (converted only where it differs:
+        at batch 1 every op of a stage's routing is a measurable share of its time)."""
+        key = key.detach()
+        return key if key.dtype == self.memory.dtype else key.to(self.memory.dtype)
+
+    def _nearest(self, key: torch.Tensor) -> torch.Tensor:
+        return (key.unsqueeze(1) - self.memory).square().sum(-1).argmin(dim=1)
 
     @torch.no_grad()
     def update(self, key: torch.Tensor, route: torch.Tensor) -> None:
