@@ -110,9 +110,9 @@ def measure(name: str, branches: int, batch: int, repeats: int, settings: dict) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["efficientnet_b0"])
-    parser.add_argument("--branches", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=["efficientnet_b0"], help="Model names, as rmn-fx takes them (torchvision first, then timm; timm:NAME forces timm), with random weights.")
+    parser.add_argument("--branches", type=int, default=8, help="Procedures per routed stage (N).")
+    parser.add_argument("--batch", type=int, default=1, help="Samples per forward; routes are spread over min(batch, N) procedures.")
     parser.add_argument("--repeats", type=int, default=100, help="Timed runs of each part (and of the whole models).")
     parser.add_argument("--threads", type=int, help="Intra-op threads (default: torch's).")
     cpu_options.add_arguments(parser)
