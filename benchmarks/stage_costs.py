@@ -18,13 +18,12 @@ its sub-batch, and smaller operations). Each is also given as a share of the bas
 whole forward at the same batch, timed in the same run. The sub-batches are cut before
 the timing starts.
 
-    python benchmarks/stage_costs.py --model efficientnet_b0 --batch 1 -o out/stage-costs
+    python benchmarks/stage_costs.py --models efficientnet_b0 --batch 1 -o out/stage-costs
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 import cpu_options  # benchmarks/cpu_options.py, beside this script
@@ -59,16 +58,16 @@ def sub_batches(stage: RoutedStage, x: torch.Tensor) -> list[tuple[int, torch.Te
     return [(j, x.index_select(0, rows)) for j, rows in chosen if rows.numel()]
 
 
-def stage_runners(stage: RoutedStage, args: tuple) -> dict[str, object]:
-    """Callables (their argument ignored) for the stage, its attended procedures, its
-    procedures alone and the base's part (procedure 0 on the whole input), on `args`."""
+def stage_runners(stage: RoutedStage, args: tuple, chunks: list[tuple[int, torch.Tensor]]) -> dict[str, object]:
+    """Callables (their argument ignored) for the stage on `args`, its attended procedures
+    and its procedures alone on their `chunks` (`sub_batches`), and the base's part
+    (procedure 0 on the whole input)."""
     x, side = args[0], args[1:]
-    chunks = sub_batches(stage, x)
     attended = stage.attended_procedures() if stage.attention is not None else stage.procedures
 
     def with_side_inputs(run):
         def call(_):
-            with stage.side_inputs(side) if stage.spec.side_inputs else contextlib.nullcontext():
+            with stage.side_inputs(side):  # none for most parts: then it sets nothing they read
                 return run()
         return call
 
@@ -92,12 +91,13 @@ def measure(name: str, branches: int, batch: int, repeats: int, settings: dict) 
     with torch.no_grad():
         whole = median_latencies({"base": base, "routed": routed}, x, repeats)
         for i, (stage, args) in enumerate(tqdm(list(zip(stages, stage_arguments(routed, stages, x))), desc=name, disable=None)):
-            t = median_latencies(stage_runners(stage, args), x, repeats)
+            chunks = sub_batches(stage, args[0])
+            t = median_latencies(stage_runners(stage, args, chunks), x, repeats)
             attention, routing, sub_batching = t["attended"] - t["procedures"], t["stage"] - t["attended"], t["procedures"] - t["base_part"]
             rows.append(
                 {
                     "model": name, "branches": branches, "batch": batch, "threads": torch.get_num_threads(), **settings,
-                    "stage": i, "part": names[stage], "procedures_used": len(sub_batches(stage, args[0])),
+                    "stage": i, "part": names[stage], "procedures_used": len(chunks),
                     "stage_ms": round(1000 * t["stage"], 3), "procedures_ms": round(1000 * t["procedures"], 3), "base_part_ms": round(1000 * t["base_part"], 3),
                     "attention_ms": round(1000 * attention, 3), "routing_ms": round(1000 * routing, 3), "sub_batching_ms": round(1000 * sub_batching, 3),
                     "attention_share_of_base": round(attention / whole["base"], 4), "routing_share_of_base": round(routing / whole["base"], 4),
